@@ -1,0 +1,398 @@
+"""Model: a transformers model, its processor or tokenizer, and its FFN sites.
+
+``Model.encode`` is the single place where samples become model inputs: every loss, score and
+perplexity in canfast goes through it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from canfast.adapters import Adapter, adapter_for, find_sites
+from canfast.data import Sample
+from canfast.errors import BadInput
+from canfast.sites import UNITS, Site, select
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    """Model inputs for a list of samples, right-padded.
+
+    - ``inputs``: the keyword arguments of the model's forward.
+    - ``labels``: ``[B, L]`` aligned with the logits: ``labels[i, t]`` is the token that logit row
+      ``t`` must predict, or -100 where no target is scored.
+    - ``target_mask``: bool, True at the target tokens of the sequence they belong to (the input
+      sequence of a decoder-only or masked model, the decoder sequence of an encoder-decoder).
+    - ``valid``: per token stream (``"language"``, ``"decoder"``), a bool ``[B, T]`` marking the
+      real (non-padding) positions; a stream absent here has no padding.
+    """
+
+    inputs: dict[str, Tensor]
+    labels: Tensor
+    target_mask: Tensor
+    valid: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+    def to(self, device: torch.device | str) -> Batch:
+        move = {k: v.to(device) for k, v in self.inputs.items()}
+        return Batch(
+            move,
+            self.labels.to(device),
+            self.target_mask.to(device),
+            {k: v.to(device) for k, v in self.valid.items()},
+        )
+
+    def repeat(self, times: int) -> Batch:
+        """The batch stacked ``times`` times, block by block (for a batch of masks)."""
+        if times == 1:
+            return self
+
+        def tile(t: Tensor) -> Tensor:
+            return t.repeat(times, *([1] * (t.dim() - 1)))
+
+        return Batch(
+            {k: tile(v) for k, v in self.inputs.items()},
+            tile(self.labels),
+            tile(self.target_mask),
+            {k: tile(v) for k, v in self.valid.items()},
+        )
+
+
+class Model:
+    """A transformers model wrapped for canfast.
+
+    Build one with :func:`load`, or wrap objects already in memory with
+    ``Model(hf_model, processor)``; ``processor`` is a processor for vision-language models and a
+    tokenizer for text models.
+    """
+
+    def __init__(
+        self,
+        hf_model: nn.Module,
+        processor,
+        name: str | None = None,
+        prompt_template: str | None = None,
+    ) -> None:
+        self.hf = hf_model
+        self.processor = processor
+        self.tokenizer = getattr(processor, "tokenizer", processor)
+        self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
+        self.adapter: Adapter = adapter_for(hf_model.config.model_type)
+        self.prompt_template = prompt_template or self.adapter.prompt_template
+        self.task = self.adapter.task
+        text_config = getattr(hf_model.config, "text_config", hf_model.config)
+        if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
+            self.task = "seq2seq"
+        self._sites: dict[str, list[Site]] = {}
+        if self.tokenizer.pad_token_id is None:
+            # Padding positions are always masked out, so any id will do as long as one exists.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        if not self.all_sites("out"):
+            raise BadInput(
+                f"unsupported architecture {hf_model.config.model_type!r}: "
+                "no feed-forward sites found"
+            )
+
+    # ----- sites -----------------------------------------------------------------------------
+
+    def all_sites(self, unit: str = "out") -> list[Site]:
+        if unit not in UNITS:
+            raise BadInput(f"unknown unit {unit!r}; choose 'out' or 'mid'")
+        if unit not in self._sites:
+            self._sites[unit] = find_sites(self.hf, self.adapter, unit)
+        return self._sites[unit]
+
+    def sites(
+        self,
+        unit: str = "out",
+        sites: Sequence[str] | str | None = None,
+        components: Sequence[str] | None = None,
+        kinds: Sequence[str] | None = None,
+    ) -> list[Site]:
+        """The sites of ``unit`` chosen by glob patterns, components and kinds (all optional)."""
+        every = self.all_sites(unit)
+        if not sites and not components and not kinds:
+            return list(every)
+        return select(every, sites, components, kinds)
+
+    def site(self, name: str) -> Site:
+        unit = "mid" if name.endswith(".mid") else "out"
+        for site in self.all_sites(unit):
+            if site.name == name:
+                return site
+        raise BadInput(f"no site named {name!r} in {self.name}")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    def fingerprint(self) -> str:
+        """A short digest of the architecture and of the weights of every site.
+
+        Score files carry it, so scores computed on another model are refused. Hashing a few
+        rows of each site's weight tells checkpoints of one architecture apart cheaply.
+        """
+        digest = hashlib.sha256()
+        config = self.hf.config.to_dict()
+        for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
+            config.pop(volatile, None)
+        digest.update(json.dumps(config, sort_keys=True, default=str).encode())
+        for site in self.all_sites("out"):
+            weight = site.module.weight.detach()
+            digest.update(f"{site.name}:{tuple(weight.shape)}".encode())
+            digest.update(weight.reshape(-1)[:64].float().cpu().numpy().tobytes())
+            digest.update(weight.reshape(-1)[-64:].float().cpu().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    # ----- inputs ----------------------------------------------------------------------------
+
+    def prompt_text(self, sample: Sample) -> str:
+        if "<image>" in sample.prompt:
+            return sample.prompt
+        return self.prompt_template.format(prompt=sample.prompt)
+
+    def _process(self, sample: Sample, text: str) -> dict[str, Tensor]:
+        if self.adapter.uses_images:
+            if sample.image is None:
+                raise BadInput(
+                    f"{self.name} needs an image for every sample (prompt {sample.prompt!r})"
+                )
+            return dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
+        return dict(self.tokenizer([text], return_tensors="pt"))
+
+    def target_ids(self, prompt_text: str, target: str) -> list[int]:
+        """The target's tokens as they follow the prompt, without special tokens.
+
+        Tokenizing the prompt with and without the target and keeping the tail respects how the
+        tokenizer joins words at the boundary (a leading space for byte-level BPE, for one).
+        """
+        tok = self.tokenizer
+        alone = tok(prompt_text, add_special_tokens=False)["input_ids"]
+        joined = tok(f"{prompt_text} {target}", add_special_tokens=False)["input_ids"]
+        if joined[: len(alone)] == alone:
+            return list(joined[len(alone) :])
+        return list(tok(target, add_special_tokens=False)["input_ids"])
+
+    def encode(self, samples: Sequence[Sample]) -> Batch:
+        """Inputs, aligned labels and masks for samples that all have targets.
+
+        Decoder models see ``prompt + target + EOS``, scored on the target and EOS; an
+        encoder-decoder reads the prompt and is scored on the decoder's ``target + EOS``; a
+        masked LM is scored at its mask tokens, the target being the tokens that fill them.
+        """
+        missing = [s.prompt for s in samples if s.target is None]
+        if missing:
+            raise ValueError(f"encode needs targets; {len(missing)} samples have none")
+        if self.task == "masked":
+            return self._encode_masked(samples)
+        if self.task == "seq2seq":
+            return self._encode_seq2seq(samples)
+        return self._encode_causal(samples)
+
+    def _eos(self) -> list[int]:
+        eos = self.tokenizer.eos_token_id
+        return [] if eos is None else [eos]
+
+    def _encode_causal(self, samples: Sequence[Sample]) -> Batch:
+        rows, starts = [], []
+        for sample in samples:
+            text = self.prompt_text(sample)
+            encoded = self._process(sample, text)
+            target = torch.tensor([self.target_ids(text, sample.target) + self._eos()])
+            starts.append(encoded["input_ids"].shape[1])
+            encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
+            if "attention_mask" in encoded:
+                encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
+            rows.append(encoded)
+        inputs = self._collate(rows, side="right")
+        ids, attention = inputs["input_ids"], inputs["attention_mask"]
+        positions = torch.arange(ids.shape[1])
+        lengths = attention.sum(dim=1)
+        start = torch.tensor(starts)
+        target_mask = (positions >= start[:, None]) & (positions < lengths[:, None])
+        labels = torch.full_like(ids, IGNORE)
+        labels[:, :-1] = torch.where(target_mask[:, 1:], ids[:, 1:], IGNORE)
+        return Batch(inputs, labels, target_mask, {"language": attention.bool()})
+
+    def _encode_seq2seq(self, samples: Sequence[Sample]) -> Batch:
+        rows, targets = [], []
+        for sample in samples:
+            text = self.prompt_text(sample)
+            rows.append(self._process(sample, text))
+            ids = self.tokenizer(sample.target, add_special_tokens=False)["input_ids"]
+            targets.append(list(ids) + self._eos())
+        inputs = self._collate(rows, side="right")
+        width = max(len(t) for t in targets)
+        labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
+        for i, t in enumerate(targets):
+            labels[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        target_mask = labels != IGNORE
+        # The model shifts labels right into decoder inputs; padding positions stay -100.
+        inputs["labels"] = labels
+        valid = {"language": inputs["attention_mask"].bool(), "decoder": target_mask}
+        return Batch(inputs, labels, target_mask, valid)
+
+    def _encode_masked(self, samples: Sequence[Sample]) -> Batch:
+        tok = self.tokenizer
+        if tok.mask_token_id is None:
+            raise BadInput(f"{self.name}: the tokenizer has no mask token")
+        rows, fills = [], []
+        for sample in samples:
+            encoded = self._process(sample, self.prompt_text(sample))
+            where = (encoded["input_ids"][0] == tok.mask_token_id).nonzero().flatten()
+            wanted = tok.convert_tokens_to_ids(sample.target.split())
+            if len(wanted) != len(where):
+                raise BadInput(
+                    f"prompt {sample.prompt!r} has {len(where)} mask tokens but target "
+                    f"{sample.target!r} has {len(wanted)} tokens"
+                )
+            rows.append(encoded)
+            fills.append((where, wanted))
+        inputs = self._collate(rows, side="right")
+        labels = torch.full_like(inputs["input_ids"], IGNORE)
+        for i, (where, wanted) in enumerate(fills):
+            labels[i, where] = torch.tensor(wanted, dtype=torch.long)
+        target_mask = labels != IGNORE
+        return Batch(inputs, labels, target_mask, {"language": inputs["attention_mask"].bool()})
+
+    def encode_prompts(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
+        """Left-padded prompt inputs for generation."""
+        rows = [self._process(s, self.prompt_text(s)) for s in samples]
+        side = "right" if self.task == "seq2seq" else "left"
+        return self._collate(rows, side=side)
+
+    def _collate(self, rows: list[dict[str, Tensor]], side: str) -> dict[str, Tensor]:
+        """Stack per-sample encodings, padding every token sequence on ``side``."""
+        pad_id = self.tokenizer.pad_token_id
+        out: dict[str, Tensor] = {}
+        for key in rows[0]:
+            tensors = [r[key] for r in rows]
+            if (
+                key.endswith("input_ids")
+                or key.endswith("attention_mask")
+                or key == "token_type_ids"
+            ):
+                fill = pad_id if key.endswith("input_ids") else 0
+                width = max(t.shape[1] for t in tensors)
+                padded = torch.full((len(rows), width), fill, dtype=tensors[0].dtype)
+                for i, t in enumerate(tensors):
+                    n = t.shape[1]
+                    if side == "right":
+                        padded[i, :n] = t[0]
+                    else:
+                        padded[i, width - n :] = t[0]
+                out[key] = padded
+            else:
+                out[key] = torch.cat(tensors, dim=0)
+        if "attention_mask" not in out and "input_ids" in out:
+            out["attention_mask"] = (out["input_ids"] != pad_id).long()
+        return out
+
+    def forward(self, batch: Batch):
+        inputs = dict(batch.inputs)
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        return self.hf(**inputs, use_cache=False)
+
+    def __repr__(self) -> str:
+        n = sum(s.channels for s in self.all_sites("out"))
+        return f"Model({self.name!r}, family={self.adapter.family}, {n} FFN neurons)"
+
+
+def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
+    if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16}
+    names |= {"bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise BadInput(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
+    return names[dtype]
+
+
+def load(
+    name_or_path: str,
+    dtype: str | torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    device_map: str | dict | None = None,
+    trust_remote_code: bool = False,
+) -> Model:
+    """Load a model and its processor (or tokenizer) by Hub id, local path or ``builtin:NAME``.
+
+    Works offline for local paths and for cached models with ``HF_HUB_OFFLINE=1``. Remote code is
+    never trusted unless ``trust_remote_code=True``.
+    """
+    dtype = _torch_dtype(dtype)
+    if name_or_path.startswith("builtin:"):
+        from canfast.zoo import load_builtin_model
+
+        hf_model, processor = load_builtin_model(name_or_path.removeprefix("builtin:"), dtype)
+    else:
+        hf_model, processor = _load_pretrained(name_or_path, dtype, device_map, trust_remote_code)
+    if device is not None and device_map is None:
+        hf_model.to(device)
+    hf_model.eval()
+    return Model(hf_model, processor, name=name_or_path)
+
+
+def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool):
+    import transformers
+    from transformers import AutoConfig
+
+    local = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not local.exists():
+        raise BadInput(f"model not found: {name} (no such directory)")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"cannot load model {name!r}: {first}") from None
+    adapter = adapter_for(config.model_type)
+    task = adapter.task
+    if getattr(config, "is_encoder_decoder", False):
+        task = "seq2seq"
+    if adapter.uses_images:
+        auto_model = transformers.AutoModelForImageTextToText
+        auto_processor = transformers.AutoProcessor
+    else:
+        auto_model = {
+            "causal": transformers.AutoModelForCausalLM,
+            "seq2seq": transformers.AutoModelForSeq2SeqLM,
+            "masked": transformers.AutoModelForMaskedLM,
+        }[task]
+        auto_processor = transformers.AutoTokenizer
+    kwargs = {"trust_remote_code": trust_remote_code}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    hf_model = auto_model.from_pretrained(name, **kwargs)
+    processor = auto_processor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    return hf_model, processor
+
+
+def quiet_transformers() -> None:
+    """Keep transformers' advisory warnings off the terminal of a command-line run."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:
+        pass

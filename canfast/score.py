@@ -1,0 +1,278 @@
+"""CAN scoring: hooks collect each site's activation ``a`` and its gradient ``dL/da``; the
+``score_accumulate`` op reduces them on the fly, so memory is bounded by one batch.
+
+    S[i, j] = mean_t |dL_i/da[i, t, j]| ** alpha * |a[i, t, j]|      I[j] = mean_i S[i, j]
+
+Gradients come from the sum of per-sample losses, so each sample's gradient is its own.
+Parameters never receive gradients.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from canfast import __version__, ops
+from canfast.data import Sample, batches
+from canfast.errors import BadInput
+from canfast.io import load_tensors, save_tensors
+from canfast.model import Batch, Model
+from canfast.objective import Objective, mean_nll, with_targets
+from canfast.sites import NeuronSet, Site
+
+STATS = ("std", "act", "grad")
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0.0 <= alpha <= 1.0:
+        raise BadInput(f"alpha must lie in [0, 1], got {alpha}")
+    return float(alpha)
+
+
+@dataclass
+class Scores:
+    """CAN scores of every neuron of some sites, with per-neuron statistics and provenance.
+
+    ``scores["language.3.down"]`` is that site's float32 tensor of ``I``; ``stats[site]`` holds
+    ``std`` (of ``S`` over samples), ``act`` (mean ``|a|``) and ``grad`` (mean ``|dL/da|``).
+    """
+
+    values: dict[str, Tensor]
+    stats: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    meta: dict[str, str] = field(default_factory=dict)
+
+    def __getitem__(self, site: str) -> Tensor:
+        return self.values[site]
+
+    def __contains__(self, site: str) -> bool:
+        return site in self.values
+
+    @property
+    def sites(self) -> list[str]:
+        return list(self.values)
+
+    def ranking(self) -> NeuronSet:
+        """Every neuron, best first; ties keep site order, then channel order."""
+        names = list(self.values)
+        flat = torch.cat([self.values[n].float() for n in names])
+        owner = torch.cat([torch.full((self.values[n].numel(),), i) for i, n in enumerate(names)])
+        channel = torch.cat([torch.arange(self.values[n].numel()) for n in names])
+        order = torch.sort(flat, descending=True, stable=True).indices
+        neurons = tuple((names[owner[i]], int(channel[i])) for i in order.tolist())
+        return NeuronSet(neurons, tuple(flat[order].tolist()))
+
+    def top(self, k: int) -> NeuronSet:
+        return self.ranking()[:k]
+
+    def save(self, path) -> None:
+        tensors = dict(self.values)
+        for site, stats in self.stats.items():
+            for stat, tensor in stats.items():
+                tensors[f"{site}@{stat}"] = tensor
+        save_tensors(path, {k: v.float() for k, v in tensors.items()}, self.meta)
+
+    @classmethod
+    def load(cls, path) -> Scores:
+        tensors, meta = load_tensors(path)
+        values = {k: v for k, v in tensors.items() if "@" not in k}
+        stats: dict[str, dict[str, Tensor]] = {}
+        for key, tensor in tensors.items():
+            if "@" in key:
+                site, stat = key.split("@", 1)
+                stats.setdefault(site, {})[stat] = tensor
+        if not values:
+            raise BadInput(f"{path}: holds no scores")
+        return cls(values, stats, meta)
+
+    def check_model(self, model: Model, source: str = "scores") -> None:
+        """Refuse scores computed on a different model."""
+        expected = self.meta.get("model_fingerprint")
+        if expected and expected != model.fingerprint():
+            raise BadInput(
+                f"{source} were computed on another model ({self.meta.get('model', '?')}, "
+                f"fingerprint {expected}); this is {model.name} ({model.fingerprint()})"
+            )
+        for site in self.values:
+            if site.endswith(".mid"):
+                known = [s for s in model.all_sites("mid") if s.name == site]
+            else:
+                known = [s for s in model.all_sites("out") if s.name == site]
+            if not known or known[0].channels != self.values[site].numel():
+                raise BadInput(f"{source} site {site} does not exist in {model.name}")
+
+
+def data_fingerprint(samples: Sequence[Sample]) -> str:
+    digest = hashlib.sha256()
+    for s in samples:
+        digest.update(repr((s.prompt, s.target, s.category)).encode())
+        if s.image is not None:
+            digest.update(s.image.tobytes())
+    return digest.hexdigest()[:16]
+
+
+class _SiteTotals:
+    """Running per-channel sums over samples for one site, in float64."""
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.s = torch.zeros(channels, dtype=torch.float64)
+        self.s2 = torch.zeros(channels, dtype=torch.float64)
+        self.act = torch.zeros(channels, dtype=torch.float64)
+        self.grad = torch.zeros(channels, dtype=torch.float64)
+
+    def add(self, sums: Tensor, counts: Tensor) -> None:
+        means = (sums.double() / counts.double().clamp_min(1)[:, None, None]).cpu()
+        s = means[:, 0]
+        self.n += s.shape[0]
+        self.s += s.sum(0)
+        self.s2 += (s * s).sum(0)
+        self.act += means[:, 1].sum(0)
+        self.grad += means[:, 2].sum(0)
+
+    def result(self) -> tuple[Tensor, dict[str, Tensor]]:
+        n = max(self.n, 1)
+        mean = self.s / n
+        std = (self.s2 / n - mean * mean).clamp_min(0).sqrt()
+        stats = {"std": std.float(), "act": (self.act / n).float(), "grad": (self.grad / n).float()}
+        return mean.float(), stats
+
+
+class _Collector:
+    """Forward hooks that keep each site's activation and make it report its gradient."""
+
+    def __init__(self, sites: Sequence[Site], alpha: float, backend: str) -> None:
+        self.sites = list(sites)
+        self.alpha = alpha
+        self.backend = backend
+        self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
+        self.pending: dict[int, tuple[Site, Tensor]] = {}
+        self.batch: Batch | None = None
+        self.handles = []
+
+    def __enter__(self) -> _Collector:
+        for site in self.sites:
+            if site.unit == "out":
+                hook = self._output_hook(site)
+                self.handles.append(site.module.register_forward_hook(hook))
+            else:
+                hook = self._input_hook(site)
+                self.handles.append(site.module.register_forward_pre_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def _watch(self, site: Site, a: Tensor) -> Tensor:
+        # Parameters need no gradient, so the first site on the path may see an input that does
+        # not require one; a fresh leaf starts the graph there.
+        if not a.requires_grad:
+            a = a.detach().requires_grad_()
+        kept = a.detach()
+        key = id(kept)
+        self.pending[key] = (site, kept)
+
+        def on_grad(g: Tensor) -> None:
+            self.pending.pop(key, None)
+            self._reduce(site, kept, g)
+
+        a.register_hook(on_grad)
+        return a
+
+    def _output_hook(self, site: Site):
+        def hook(module, args, output):
+            return self._watch(site, output)
+
+        return hook
+
+    def _input_hook(self, site: Site):
+        def hook(module, args):
+            return (self._watch(site, args[0]), *args[1:])
+
+        return hook
+
+    def _reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
+        a3 = a if a.dim() == 3 else a.reshape(a.shape[0], -1, a.shape[-1])
+        g3 = g.reshape(a3.shape)
+        valid = self.batch.valid.get(site.stream) if site.stream else None
+        if valid is not None and tuple(valid.shape) != tuple(a3.shape[:2]):
+            valid = None
+        out = torch.zeros(a3.shape[0], 3, a3.shape[2], dtype=torch.float32, device=a.device)
+        ops.score_accumulate(a3, g3, self.alpha, out, valid, backend=self.backend)
+        counts = valid.sum(1) if valid is not None else torch.full((a3.shape[0],), a3.shape[1])
+        self.totals[site.name].add(out, counts.to(out.device))
+
+    def finish_batch(self) -> None:
+        """Sites whose activation got no gradient (unused by the loss) count with g = 0."""
+        for site, a in list(self.pending.values()):
+            self._reduce(site, a, torch.zeros_like(a))
+        self.pending.clear()
+
+
+def score(
+    model: Model,
+    samples: Sequence[Sample],
+    alpha: float = 0.5,
+    unit: str = "out",
+    sites: Sequence[str] | str | None = None,
+    components: Sequence[str] | None = None,
+    kinds: Sequence[str] | None = None,
+    targets: str = "self",
+    batch_size: int = 8,
+    max_new_tokens: int = 32,
+    objective: Objective | None = None,
+    backend: str = "auto",
+    progress: bool = True,
+) -> Scores:
+    """CAN scores of every neuron of the chosen sites (all FFN sites by default).
+
+    ``targets="self"`` scores the model's own greedy answers; ``"given"`` the data's targets.
+    ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``.
+    """
+    alpha = check_alpha(alpha)
+    chosen = model.sites(unit, sites, components, kinds)
+    if not samples:
+        raise BadInput("no samples to score")
+    started = time.perf_counter()
+    samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
+    loss_fn = objective or mean_nll
+    trainable = [p.requires_grad for p in model.hf.parameters()]
+    model.hf.requires_grad_(False)
+    try:
+        with _Collector(chosen, alpha, backend) as collector, torch.enable_grad():
+            bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
+            for chunk in batches(samples, batch_size):
+                batch = model.encode(chunk).to(model.device)
+                collector.batch = batch
+                losses = loss_fn(model.forward(batch), batch)
+                total = losses.sum()
+                if total.requires_grad:
+                    total.backward()
+                collector.finish_batch()
+                bar.update(len(chunk))
+            bar.close()
+    finally:
+        for p, flag in zip(model.hf.parameters(), trainable, strict=True):
+            p.requires_grad_(flag)
+    values, stats = {}, {}
+    for site in chosen:
+        values[site.name], stats[site.name] = collector.totals[site.name].result()
+    meta = {
+        "alpha": repr(alpha),
+        "unit": unit,
+        "targets": targets,
+        "model": model.name,
+        "model_fingerprint": model.fingerprint(),
+        "data_fingerprint": data_fingerprint(samples),
+        "n_samples": str(len(samples)),
+        "objective": "mean_nll" if objective is None else getattr(objective, "__name__", "custom"),
+        "canfast_version": __version__,
+        "seconds": f"{time.perf_counter() - started:.3f}",
+    }
+    return Scores(values, stats, meta)

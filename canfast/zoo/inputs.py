@@ -1,0 +1,134 @@
+"""How the built-in models see a sample: the prompt templates and teacher-forced batches.
+
+The layout is the one canfast uses for every LLaVA and InstructBLIP model, so the built-in models
+are trained on exactly what they are later scored and masked on:
+
+- LLaVA: ``"USER: <image>\\n{prompt} ASSISTANT:"``; InstructBLIP: ``"{prompt}"``, the processor
+  putting the query placeholders first.
+- The target's tokens (without special tokens) follow the prompt's, then ``</s>``; only those
+  carry a loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from canfast.errors import BadInput
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+FAMILIES = ("llava", "instructblip")
+_ALIASES = {"tiny-llava": "llava", "tiny-instructblip": "instructblip"}
+IGNORE_INDEX = -100
+
+
+def family_of(kind: str) -> str:
+    """``"llava"`` or ``"instructblip"`` from a family, built-in model name or model_type."""
+    family = _ALIASES.get(kind, kind)
+    if family not in FAMILIES:
+        valid = ", ".join([*FAMILIES, *_ALIASES])
+        raise BadInput(f"unknown model kind {kind!r}; valid: {valid}")
+    return family
+
+
+def format_prompt(family: str, prompt: str) -> str:
+    if family == "llava":
+        return f"USER: <image>\n{prompt} ASSISTANT:"
+    return prompt
+
+
+@dataclass
+class Encoded:
+    """One sample's ids, unpadded: prompt ids as the processor makes them, target ids + EOS."""
+
+    prompt_ids: list[int]
+    target_ids: list[int]
+    qformer_ids: list[int] | None
+
+
+class PromptCache:
+    """Prompt and target ids, computed once by the real processor for each distinct string.
+
+    The synthetic language has a few dozen distinct prompts, so training never calls the
+    processor in its loop yet feeds the model exactly the processor's ids.
+    """
+
+    def __init__(self, processor, family: str, image: Image.Image) -> None:
+        self.processor = processor
+        self.family = family
+        self.image = image
+        self.eos = processor.tokenizer.eos_token_id
+        self._prompts: dict[str, tuple[list[int], list[int] | None]] = {}
+        self._targets: dict[str, list[int]] = {}
+
+    def encode(self, prompt: str, target: str) -> Encoded:
+        if prompt not in self._prompts:
+            text = format_prompt(self.family, prompt)
+            encoding = self.processor(images=[self.image], text=[text])
+            qformer = encoding.get("qformer_input_ids")
+            self._prompts[prompt] = (
+                list(encoding["input_ids"][0]),
+                list(qformer[0]) if qformer is not None else None,
+            )
+        if target not in self._targets:
+            ids = self.processor.tokenizer(target, add_special_tokens=False)["input_ids"]
+            self._targets[target] = [*ids, self.eos]
+        prompt_ids, qformer_ids = self._prompts[prompt]
+        return Encoded(prompt_ids, self._targets[target], qformer_ids)
+
+
+def collate(
+    encoded: Sequence[Encoded],
+    pixel_values: torch.Tensor,
+    pad_id: int,
+    qformer_pad_id: int,
+    num_query_tokens: int = 0,
+) -> dict[str, torch.Tensor]:
+    """A teacher-forced batch, padded on the left as the processor pads.
+
+    For InstructBLIP the processor keeps the query placeholders first and pads the text after
+    them, so the padding sits between the ``num_query_tokens`` placeholders and ``<s>``.
+    """
+    import torch
+
+    sequences = [e.prompt_ids + e.target_ids for e in encoded]
+    length = max(len(s) for s in sequences)
+    input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(encoded), length), dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    for row, (e, sequence) in enumerate(zip(encoded, sequences, strict=True)):
+        pad = length - len(sequence)
+        head, tail = sequence[:num_query_tokens], sequence[num_query_tokens:]
+        input_ids[row, : len(head)] = torch.tensor(head, dtype=torch.long)
+        input_ids[row, len(head) + pad :] = torch.tensor(tail, dtype=torch.long)
+        attention[row, : len(head)] = 1
+        attention[row, len(head) + pad :] = 1
+        labels[row, length - len(e.target_ids) :] = torch.tensor(e.target_ids, dtype=torch.long)
+    batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    batch["pixel_values"] = pixel_values
+    if encoded[0].qformer_ids is not None:
+        width = max(len(e.qformer_ids) for e in encoded)
+        qformer = torch.full((len(encoded), width), qformer_pad_id, dtype=torch.long)
+        qmask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for row, e in enumerate(encoded):
+            qformer[row, width - len(e.qformer_ids) :] = torch.tensor(e.qformer_ids)
+            qmask[row, width - len(e.qformer_ids) :] = 1
+        batch["qformer_input_ids"] = qformer
+        batch["qformer_attention_mask"] = qmask
+    return batch
+
+
+def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per sample: is every target token (and ``</s>``) the argmax given the tokens before it?
+
+    This is exactly "greedy decoding reproduces the target and stops", at the cost of one
+    forward pass instead of one per generated token.
+    """
+    predicted = logits[:, :-1].argmax(-1)
+    wanted = labels[:, 1:]
+    counted = wanted != IGNORE_INDEX
+    return ((predicted == wanted) | ~counted).all(-1)

@@ -1,0 +1,51 @@
+// Kernels for x86 CPUs with AVX2, FMA and F16C (Haswell, Zen 1 and later).
+//
+// Only this file's own code is compiled for AVX2: standard headers are included before the
+// target region, and everything inside it has internal linkage (see simd.h), so no AVX2 code
+// can be picked by the linker for a shared inline function the baseline path calls.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "canfast.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma,f16c"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,f16c")
+#endif
+
+#define CANFAST_X86_AVX2
+namespace canfast {
+namespace {
+#include "simd.h"
+using V = VecAVX2;
+#include "kernels.inc.h"
+}  // namespace
+}  // namespace canfast
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+namespace canfast {
+const KernelTable* kernels_avx2() {
+  static const KernelTable table{"avx2", score_kernel, epilogue_kernel, row_mask_kernel,
+                                 ablate_kernel};
+  return &table;
+}
+}  // namespace canfast
+
+#else
+
+namespace canfast {
+const KernelTable* kernels_avx2() { return nullptr; }
+}  // namespace canfast
+
+#endif

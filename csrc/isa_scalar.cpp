@@ -1,0 +1,24 @@
+// Portable kernels: one lane per "vector", for CPUs without AVX2 and for non-x86 builds.
+// Also the baseline the SIMD paths are tested against.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "canfast.h"
+
+namespace canfast {
+namespace {
+
+#include "simd.h"
+using V = VecScalar;
+#include "kernels.inc.h"
+
+}  // namespace
+
+const KernelTable* kernels_scalar() {
+  static const KernelTable table{"scalar", score_kernel, epilogue_kernel, row_mask_kernel,
+                                 ablate_kernel};
+  return &table;
+}
+
+}  // namespace canfast

@@ -1,0 +1,163 @@
+"""CAN score accumulation in one pass over activations and gradients.
+
+For every sample ``b`` and channel ``c`` it adds to ``out[b, :, c]`` the sums over valid positions
+of ``|g|**alpha * |a|``, ``|a|`` and ``|g|``. The op is memory-bound (a few FLOPs per byte), so the
+kernel reads ``a`` and ``g`` once, skips the loads of padding rows, and keeps the three running
+sums in registers until the end of the sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import check_tensors, configs, size_bucket
+
+# Exponents with a cheaper form than exp2(alpha * log2(|g|)); selected at compile time.
+_ALPHA_ZERO = 0
+_ALPHA_HALF = 1
+_ALPHA_ONE = 2
+_ALPHA_ANY = 3
+
+
+def _alpha_mode(alpha: float) -> int:
+    return {0.0: _ALPHA_ZERO, 0.5: _ALPHA_HALF, 1.0: _ALPHA_ONE}.get(alpha, _ALPHA_ANY)
+
+
+@triton.autotune(
+    configs=configs(
+        cuda=[
+            triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+            for bt, bc, w in [
+                (16, 128, 4),
+                (32, 128, 4),
+                (16, 256, 4),
+                (32, 256, 8),
+                (64, 64, 4),
+                (8, 512, 4),
+            ]
+        ],
+        interpreter=triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}),
+    ),
+    key=["C", "t_bucket"],
+    # Benchmarking runs the kernel several times; each run must start from the caller's sums.
+    restore_value=["out_ptr"],
+)
+@triton.jit
+def _score_accumulate_kernel(
+    a_ptr,
+    g_ptr,
+    valid_ptr,
+    out_ptr,
+    T,
+    C,
+    t_bucket,
+    alpha,
+    stride_ab,
+    stride_at,
+    stride_ac,
+    stride_gb,
+    stride_gt,
+    stride_gc,
+    stride_vb,
+    stride_vt,
+    stride_ob,
+    stride_os,
+    stride_oc,
+    HAS_VALID: tl.constexpr,
+    ALPHA_MODE: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    sample = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_ok = cols < C
+    a_base = a_ptr + sample * stride_ab + cols[None, :] * stride_ac
+    g_base = g_ptr + sample * stride_gb + cols[None, :] * stride_gc
+
+    # 2-D accumulators, reduced once at the end: fewer cross-thread reductions in the loop and a
+    # pairwise-like summation order that loses less precision than one running scalar per column.
+    weighted = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    abs_a = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    abs_g = tl.zeros([BLOCK_T, BLOCK_C], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = t0 + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        if HAS_VALID:
+            keep = tl.load(valid_ptr + sample * stride_vb + rows * stride_vt, mask=row_ok, other=0)
+            row_ok = row_ok & (keep != 0)
+        ok = row_ok[:, None] & col_ok[None, :]
+        # Masked-out elements load as 0 and so add nothing, whatever alpha is (|a| = 0).
+        a = tl.abs(tl.load(a_base + rows[:, None] * stride_at, mask=ok, other=0.0).to(tl.float32))
+        g = tl.abs(tl.load(g_base + rows[:, None] * stride_gt, mask=ok, other=0.0).to(tl.float32))
+        if ALPHA_MODE == 0:
+            # |g|**0 is 1 even where g == 0, as in torch.pow.
+            weighted += a
+        elif ALPHA_MODE == 1:
+            weighted += tl.sqrt_rn(g) * a
+        elif ALPHA_MODE == 2:
+            weighted += g * a
+        else:
+            # alpha > 0 here, so 0**alpha = 0; the inner where keeps log2 away from 0 (-inf).
+            positive = g > 0
+            power = tl.exp2(alpha * tl.log2(tl.where(positive, g, 1.0)))
+            weighted += tl.where(positive, power, 0.0) * a
+        abs_a += a
+        abs_g += g
+
+    out = out_ptr + sample * stride_ob + cols * stride_oc
+    # Each (sample, channel block) has one owner program, so a plain read-modify-write is safe.
+    tl.store(out, tl.load(out, mask=col_ok) + tl.sum(weighted, axis=0), mask=col_ok)
+    out += stride_os
+    tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_a, axis=0), mask=col_ok)
+    out += stride_os
+    tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_g, axis=0), mask=col_ok)
+
+
+def score_accumulate(
+    a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None = None
+) -> Tensor:
+    """Add per-sample, per-channel sums of ``|g|**alpha * |a|``, ``|a|``, ``|g|`` to ``out``.
+
+    ``a``, ``g``: ``[B, T, C]`` float32, bfloat16 or float16 (any strides); ``valid``: bool
+    ``[B, T]`` or None; ``out``: float32 ``[B, 3, C]``, updated in place and returned.
+    """
+    if a.dim() != 3 or g.shape != a.shape:
+        raise ValueError(f"a and g must be [B, T, C] of one shape, got {a.shape} and {g.shape}")
+    batch, length, channels = a.shape
+    if out.shape != (batch, 3, channels) or out.dtype != torch.float32:
+        wanted = f"float32 [{batch}, 3, {channels}]"
+        raise ValueError(f"out must be {wanted}, got {out.dtype} {tuple(out.shape)}")
+    if valid is not None and valid.shape != (batch, length):
+        raise ValueError(f"valid must be [{batch}, {length}], got {tuple(valid.shape)}")
+    check_tensors("score_accumulate", a, g, out, valid)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    if batch == 0 or channels == 0:
+        return out
+    if valid is not None and valid.dtype == torch.bool:
+        # Same bytes, but a uint8 pointer loads as plain integers on every Triton backend.
+        valid = valid.view(torch.uint8)
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return batch, triton.cdiv(channels, meta["BLOCK_C"])
+
+    _score_accumulate_kernel[grid](
+        a,
+        g,
+        valid,
+        out,
+        length,
+        channels,
+        size_bucket(length),
+        float(alpha),
+        *a.stride(),
+        *g.stride(),
+        *(valid.stride() if valid is not None else (0, 0)),
+        *out.stride(),
+        HAS_VALID=valid is not None,
+        ALPHA_MODE=_alpha_mode(float(alpha)),
+    )
+    return out
