@@ -12,7 +12,7 @@ from setuptools import setup
 
 # No -march: the AVX2 and AVX-512 kernels carry their own target attributes and are picked at
 # run time from cpuid, so one binary runs on any x86-64 CPU.
-compile_args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno", "-Wall", "-Wextra"]
+compile_args = ["-O3", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 link_args = ["-fopenmp"]
 if sys.platform == "darwin":
     compile_args = ["-O3", "-Xpreprocessor", "-fopenmp"]

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from canfast import __version__
+
 DEFAULT_MODEL = "builtin:tiny-llava"
 DEFAULT_DATA = "builtin:shapes"
 
@@ -109,7 +111,12 @@ def data_options(f):
         click.option(
             "--prompt", default=None, help="The prompt for every image of an image folder."
         ),
-        click.option("--limit", type=int, default=None, help="Use only the first N samples."),
+        click.option(
+            "--limit",
+            type=click.IntRange(min=1),
+            default=None,
+            help="Use only the first N samples.",
+        ),
         click.option(
             "--targets",
             type=click.Choice(["self", "given"]),
@@ -117,8 +124,8 @@ def data_options(f):
             show_default=True,
             help="self: the unmasked model's greedy answers; given: the data's targets.",
         ),
-        click.option("--max-new-tokens", type=int, default=32, show_default=True),
-        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
+        click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
         click.option(
             "--backend",
             type=click.Choice(["auto", "torch", "cpp", "triton"]),
@@ -136,6 +143,11 @@ def _load_model(model, dtype, device, device_map, trust_remote_code):
     from canfast.model import load, quiet_transformers
 
     quiet_transformers()
+    if not sys.stderr.isatty():
+        # A pipe or a log gets plain lines: a bad-input error stays the only line on stderr.
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return load(
         model,
         dtype=dtype,
@@ -160,7 +172,7 @@ def _default_out(command: str, model: str) -> Path:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="canfast")
+@click.version_option(version=__version__, prog_name="canfast")
 def main_group():
     """Find the few feed-forward neurons a model cannot live without.
 
@@ -270,8 +282,8 @@ def score(
     check_alpha(alpha)
     out = out or _default_out("score", model)
     _check_out(out, overwrite)
-    m = _load_model(model, dtype, device, device_map, trust_remote_code)
     samples = _load_samples(data, prompt, limit)
+    m = _load_model(model, dtype, device, device_map, trust_remote_code)
     chosen = m.sites(unit, _split(site_globs), _split(component), _split(site_kinds))
     scores = run_score(
         m,
@@ -305,6 +317,8 @@ def _check_out(out: Path, overwrite: bool) -> None:
     """Refuse an existing run directory before any work, so nothing is half-written."""
     from canfast.errors import BadInput
 
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"output {out} exists and is not a directory")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise BadInput(f"output directory {out} already exists; pass --overwrite to replace it")
 
@@ -360,7 +374,7 @@ def _read_scores(path: Path):
 @click.option("--metric", type=click.Choice(["ppl", "gen-ppl"]), default="ppl", show_default=True)
 @click.option(
     "--masks-per-pass",
-    type=int,
+    type=click.IntRange(min=1),
     default=4,
     show_default=True,
     help="Neuron sets evaluated in one forward pass.",
@@ -371,6 +385,12 @@ def _read_scores(path: Path):
     default=4,
     show_default=True,
     help="Samples whose answers are generated at k = 0, k1 and k*.",
+)
+@click.option(
+    "--by",
+    multiple=True,
+    type=click.Choice(["component", "kind", "category"]),
+    help="Also sweep each component, kind or data category on its own. Repeatable.",
 )
 @click.option(
     "--out",
@@ -408,6 +428,7 @@ def sweep(
     metric,
     masks_per_pass,
     generations,
+    by,
     out,
     overwrite,
     as_json,
@@ -427,8 +448,8 @@ def sweep(
     check_alpha(alpha)
     out = out or _default_out("sweep", model)
     _check_out(out, overwrite)
-    m = _load_model(model, dtype, device, device_map, trust_remote_code)
     samples = _load_samples(data, prompt, limit)
+    m = _load_model(model, dtype, device, device_map, trust_remote_code)
     chosen = m.sites(unit, _split(site_globs), _split(component), _split(site_kinds))
     scores = None
     if scores_path is not None:
@@ -473,9 +494,18 @@ def sweep(
     if by:
         from canfast.sweep.groups import sweep_by
 
-        options = dict(kind=sweep_kind, schedule=ks, tau=tau, onset=onset, seeds=seeds,
-                       metric=metric, batch_size=batch_size, masks_per_pass=masks_per_pass,
-                       max_new_tokens=max_new_tokens, backend=backend)
+        options = dict(
+            kind=sweep_kind,
+            schedule=ks,
+            tau=tau,
+            onset=onset,
+            seeds=seeds,
+            metric=metric,
+            batch_size=batch_size,
+            masks_per_pass=masks_per_pass,
+            max_new_tokens=max_new_tokens,
+            backend=backend,
+        )
         result.info["by"] = {b: sweep_by(b, m, samples, scores, **options) for b in by}
     out = prepare_run_dir(out, overwrite)
     if scores_path is None:
@@ -500,9 +530,23 @@ def sweep(
     click.echo(_sweep_summary(result, scores))
     for grouping, rows in result.info.get("by", {}).items():
         click.echo("")
-        click.echo(_table([grouping, "neurons", "samples", "ppl0", "k1", "k*", "random k*"],
-                          [[r["group"], r["n_neurons"], r["n_samples"], r["ppl0"], r["k1"],
-                            r["k_star"], r["random_k_star"]] for r in rows]))
+        click.echo(
+            _table(
+                [grouping, "neurons", "samples", "ppl0", "k1", "k*", "random k*"],
+                [
+                    [
+                        r["group"],
+                        r["n_neurons"],
+                        r["n_samples"],
+                        r["ppl0"],
+                        r["k1"],
+                        r["k_star"],
+                        r["random_k_star"],
+                    ]
+                    for r in rows
+                ],
+            )
+        )
     click.echo(f"\nwrote {out}")
 
 
@@ -547,15 +591,21 @@ def _sweep_summary(result, scores) -> str:
     default=None,
     help="neurons.json of a run (or the run directory).",
 )
-@click.option("--k", "k", type=int, default=None, help="Mask the top k neurons of --neurons.")
+@click.option(
+    "--k",
+    "k",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Mask the top k neurons of --neurons.",
+)
 @click.option(
     "--neuron", "neuron_ids", multiple=True, help="Neuron ids to mask, e.g. language.3.down:17."
 )
 @click.option("--image", type=click.Path(path_type=Path), default=None)
 @click.option("--prompt", default=None)
 @click.option("--data", "-d", default=None, help="Use the samples of this data instead.")
-@click.option("--limit", type=int, default=4, show_default=True)
-@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def generate(
     model,
@@ -575,13 +625,14 @@ def generate(
 ):
     """Print the base and the masked answers side by side."""
     from canfast import generate as run_generate
-    from canfast.data import Sample, load_data
+    from canfast.data import Sample, load_data, open_image
     from canfast.errors import BadInput
     from canfast.io import read_json
     from canfast.sites import NeuronSet
 
-    if image is not None and not image.is_file():
-        raise BadInput(f"image not found: {image}")
+    if image is not None and prompt is None:
+        raise BadInput(f"--image {image} needs --prompt")
+    picture = open_image(image, "--image") if image is not None else None
     chosen = list(_split(neuron_ids))
     if neurons is not None:
         path = neurons / "neurons.json" if neurons.is_dir() else neurons
@@ -593,15 +644,12 @@ def generate(
         if k is None:
             raise BadInput("--neurons needs --k, the number of top neurons to mask")
         chosen += [r["neuron"] for r in records[:k]]
+    neuron_set = NeuronSet.from_ids(chosen)
     m = _load_model(model, dtype, device, device_map, trust_remote_code)
     if prompt is not None:
-        from PIL import Image
-
-        picture = Image.open(image).convert("RGB") if image is not None else None
         samples = [Sample(picture, prompt)]
     else:
         samples = load_data(data or DEFAULT_DATA, limit=limit)
-    neuron_set = NeuronSet.from_ids(chosen)
     for site_name, _ in neuron_set:
         m.site(site_name)
     base = run_generate(m, samples, max_new_tokens=max_new_tokens)
@@ -642,6 +690,52 @@ def report(run):
     click.echo(f"wrote {path}")
 
 
+# click >= 8.2 raises this for a bare ``canfast``; older versions print the help themselves.
+_NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+@main_group.command()
+@click.option("--quick", is_flag=True, help="Small shapes: a smoke run of every benchmark.")
+@click.option(
+    "--only",
+    type=click.Choice(["kernels", "score"]),
+    default=None,
+    help="Run one benchmark: the kernels, or canfast.score end to end.",
+)
+@click.option(
+    "--root",
+    type=click.Path(path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="The canfast checkout whose bench/ folder to run.",
+)
+def bench(quick, only, root):
+    """Run the benchmarks of a canfast checkout (bench/*.py): tables on stdout, JSON in
+    bench/results/. The benchmarks measure ratios within one run, never absolute targets."""
+    import runpy
+
+    from canfast.errors import BadInput
+
+    scripts = {
+        "kernels": root / "bench" / "kernels.py",
+        "score": root / "bench" / "score_end_to_end.py",
+    }
+    chosen = [only] if only else list(scripts)
+    missing = [str(scripts[c]) for c in chosen if not scripts[c].is_file()]
+    if missing:
+        raise BadInput(
+            f"benchmark not found: {missing[0]} (run from a canfast checkout or pass --root)"
+        )
+    for name in chosen:
+        click.echo(f"== {name} ==")
+        saved = sys.argv
+        sys.argv = [str(scripts[name])] + (["--quick"] if quick else [])
+        try:
+            runpy.run_path(str(scripts[name]), run_name="__main__")
+        finally:
+            sys.argv = saved
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input exits 2 with one line on stderr, never a traceback."""
     from canfast.errors import BadInput
@@ -650,6 +744,9 @@ def main(argv: list[str] | None = None) -> None:
         main_group.main(args=argv, prog_name="canfast", standalone_mode=False)
     except BadInput as exc:
         _fail(str(exc))
+    except _NO_ARGS as exc:
+        exc.show()
+        sys.exit(2)
     except click.exceptions.Abort:
         click.echo("canfast: aborted", err=True)
         sys.exit(1)

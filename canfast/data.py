@@ -28,7 +28,10 @@ class Sample:
         return replace(self, target=target)
 
 
-def _open_image(path: Path, where: str) -> Image.Image:
+def open_image(path: str | Path, where: str) -> Image.Image:
+    """The image at ``path`` in RGB; a missing or unreadable file is bad input, named with
+    ``where`` (a file and line, a folder, an option)."""
+    path = Path(path)
     if not path.is_file():
         raise BadInput(f"{where}: image not found: {path}")
     try:
@@ -63,7 +66,7 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         image = record.get("image")
         samples.append(
             Sample(
-                image=_open_image(path.parent / image, where) if image else None,
+                image=open_image(path.parent / image, where) if image else None,
                 prompt=record["prompt"],
                 target=record.get("target"),
                 category=record.get("category"),
@@ -80,7 +83,7 @@ def load_image_folder(folder: str | Path, prompt: str) -> list[Sample]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise BadInput(f"{folder}: no images in the folder")
-    return [Sample(image=_open_image(p, str(folder)), prompt=prompt) for p in paths]
+    return [Sample(image=open_image(p, str(folder)), prompt=prompt) for p in paths]
 
 
 def load_data(

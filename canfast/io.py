@@ -13,6 +13,9 @@ from torch import Tensor
 
 from canfast.errors import BadInput
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
     """Create the run directory; refuse a non-empty existing one unless ``overwrite``."""
@@ -30,6 +33,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; a result file should be as readable as any other.
+        os.chmod(tmp, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()

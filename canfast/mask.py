@@ -90,26 +90,51 @@ def masked(
         restore()
 
 
+def _both(outer: Tensor | None, inner: Tensor | None) -> Tensor | None:
+    """The product of two keep-masks ([C] or [M, C]); None means no mask."""
+    if outer is None or inner is None:
+        return inner if outer is None else outer
+    if outer.dim() == inner.dim() == 2 and outer.shape[0] != inner.shape[0]:
+        raise BadInput(
+            f"nested batches of masks differ in size: {outer.shape[0]} and {inner.shape[0]} sets"
+        )
+    return outer * inner
+
+
 def _install_hooks(masks: dict[Site, Tensor], batched: bool, backend: str):
-    installed: list[nn.Module] = []
-    for site, mask in masks.items():
-        module = site.module
-        keep = (mask if batched else mask[0]).to(module.weight.device)
-        out_mask, in_mask = (keep, None) if site.unit == "out" else (None, keep)
-
-        def forward(x: Tensor, module=module, out_mask=out_mask, in_mask=in_mask) -> Tensor:
-            return ops.masked_linear(
-                x, _weight(module), module.bias, out_mask, in_mask, backend=backend
-            )
-
-        # An instance attribute shadows the class's forward; deleting it restores the original.
-        module.forward = forward
-        installed.append(module)
+    installed: list[tuple[nn.Module, object]] = []
 
     def restore() -> None:
-        for module in installed:
-            del module.forward
+        for module, previous in reversed(installed):
+            if previous is None:
+                del module.forward
+            else:
+                module.forward = previous
 
+    try:
+        for site, mask in masks.items():
+            module = site.module
+            keep = (mask if batched else mask[0]).to(module.weight.device)
+            out_mask, in_mask = (keep, None) if site.unit == "out" else (None, keep)
+            # A mask already installed on this module stays in force: an enclosing ``masked``,
+            # or the other unit of the same down projection (``.down`` and ``.mid`` neurons).
+            previous = vars(module).get("forward")
+            outer_out, outer_in = getattr(previous, "canfast_masks", (None, None))
+            out_mask, in_mask = _both(outer_out, out_mask), _both(outer_in, in_mask)
+
+            def forward(x: Tensor, module=module, out_mask=out_mask, in_mask=in_mask) -> Tensor:
+                return ops.masked_linear(
+                    x, _weight(module), module.bias, out_mask, in_mask, backend=backend
+                )
+
+            forward.canfast_masks = (out_mask, in_mask)
+            # An instance attribute shadows the class's forward; deleting it restores the
+            # original.
+            module.forward = forward
+            installed.append((module, previous))
+    except BaseException:
+        restore()
+        raise
     return restore
 
 

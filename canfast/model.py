@@ -279,8 +279,14 @@ class Model:
         return self._collate(rows, side=side)
 
     def _collate(self, rows: list[dict[str, Tensor]], side: str) -> dict[str, Tensor]:
-        """Stack per-sample encodings, padding every token sequence on ``side``."""
+        """Stack per-sample encodings, padding every token sequence on ``side``.
+
+        The Q-Former's text (InstructBLIP) is always padded on the right with its own
+        tokenizer's pad id: it follows the query tokens and takes absolute positions, so left
+        padding would shift it.
+        """
         pad_id = self.tokenizer.pad_token_id
+        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
         out: dict[str, Tensor] = {}
         for key in rows[0]:
             tensors = [r[key] for r in rows]
@@ -290,11 +296,16 @@ class Model:
                 or key == "token_type_ids"
             ):
                 fill = pad_id if key.endswith("input_ids") else 0
+                key_side = side
+                if key.startswith("qformer_"):
+                    key_side = "right"
+                    if key.endswith("input_ids") and qformer_tokenizer is not None:
+                        fill = qformer_tokenizer.pad_token_id or 0
                 width = max(t.shape[1] for t in tensors)
                 padded = torch.full((len(rows), width), fill, dtype=tensors[0].dtype)
                 for i, t in enumerate(tensors):
                     n = t.shape[1]
-                    if side == "right":
+                    if key_side == "right":
                         padded[i, :n] = t[0]
                     else:
                         padded[i, width - n :] = t[0]

@@ -10,6 +10,7 @@ Parameters never receive gradients.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from canfast.objective import Objective, mean_nll, with_targets
 from canfast.sites import NeuronSet, Site
 
 STATS = ("std", "act", "grad")
+SITE_ORDER = "sites"  # metadata key of the site order in a score file
 
 
 def check_alpha(alpha: float) -> float:
@@ -75,12 +77,23 @@ class Scores:
         for site, stats in self.stats.items():
             for stat, tensor in stats.items():
                 tensors[f"{site}@{stat}"] = tensor
-        save_tensors(path, {k: v.float() for k, v in tensors.items()}, self.meta)
+        # safetensors stores keys sorted; the site order (which breaks ranking ties) is kept
+        # in the metadata.
+        meta = {**self.meta, SITE_ORDER: json.dumps(list(self.values))}
+        save_tensors(path, {k: v.float() for k, v in tensors.items()}, meta)
 
     @classmethod
     def load(cls, path) -> Scores:
         tensors, meta = load_tensors(path)
         values = {k: v for k, v in tensors.items() if "@" not in k}
+        order = meta.pop(SITE_ORDER, None)
+        if order is not None:
+            try:
+                names = json.loads(order)
+            except json.JSONDecodeError:
+                names = []
+            if isinstance(names, list) and sorted(names) == sorted(values):
+                values = {name: values[name] for name in names}
         stats: dict[str, dict[str, Tensor]] = {}
         for key, tensor in tensors.items():
             if "@" in key:
@@ -198,7 +211,12 @@ class _Collector:
         return hook
 
     def _reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
-        a3 = a if a.dim() == 3 else a.reshape(a.shape[0], -1, a.shape[-1])
+        # Some models (OPT) flatten [B, T, H] to [B*T, H] around their FFN: fold the rows back
+        # per sample, so that S stays a per-sample mean and the padding mask applies.
+        rows = self.batch.size if self.batch is not None else a.shape[0]
+        if a.dim() == 3 or a.numel() % (rows * a.shape[-1]):
+            rows = a.shape[0]
+        a3 = a if a.dim() == 3 else a.reshape(rows, -1, a.shape[-1])
         g3 = g.reshape(a3.shape)
         valid = self.batch.valid.get(site.stream) if site.stream else None
         if valid is not None and tuple(valid.shape) != tuple(a3.shape[:2]):

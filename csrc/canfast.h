@@ -84,6 +84,20 @@ inline void from_float(float v, f16* dst) {
   dst->bits = static_cast<uint16_t>(o | (sign >> 16));
 }
 
+// Widest channel chunk one work item of the reductions sums (see kernels.inc.h): 32 KiB of
+// fp32 per row run, and 3 x 2 x 32 KiB of partial sums, which stay in L2.
+constexpr int64_t kMaxChunk = 8192;
+
+// A chunk's partial sums padded to whole pairs of the widest vector (2 x 16 floats).
+inline int64_t padded_chunk(int64_t chunk) { return (chunk + 31) / 32 * 32; }
+// fp32 scratch each thread needs: two levels of partial sums, for 3 (score) or 1 (stats) rows.
+inline int64_t score_scratch_per_thread(int64_t C) {
+  return 6 * padded_chunk(C < kMaxChunk ? C : kMaxChunk);
+}
+inline int64_t epilogue_scratch_per_thread(int64_t N) {
+  return 2 * padded_chunk(N < kMaxChunk ? N : kMaxChunk);
+}
+
 // score_accumulate: out[b, k, c] += sum over valid t of
 //   k = 0: |g|^alpha * |a|,  k = 1: |a|,  k = 2: |g|
 // a, g: [B, T, C] with unit channel stride; valid: bytes [B, T] (nonzero = keep) or null;
@@ -100,20 +114,22 @@ struct ScoreArgs {
   int64_t o_sb, o_sk;
   float alpha;
   int threads;
+  float* scratch;  // threads * score_scratch_per_thread(C) floats
 };
 
-// In place on y [R, N] (unit column stride): y = (y + bias) * mask[r / (R / M)];
-// then stats[c] += sum_r |y[r, c]| of the stored (rounded) values. Any of bias / mask / stats
-// may be null. bias: float [N]; mask: float [M, N] (row stride mask_rs); stats: float [N].
+// In place on y [R, N] (unit column stride): y *= mask[r / (R / M)]; then
+// stats[c] += sum_r |y[r, c]| of the stored (rounded) values. mask (float [M, N], row stride
+// mask_rs) or stats (float [N]) may be null. The bias is not here: BLAS adds it (addmm) before
+// its single rounding, exactly as nn.functional.linear does.
 struct EpilogueArgs {
   void* y;
   DType dtype;
   int64_t R, N, y_rs;
-  const float* bias;
   const float* mask;
   int64_t M, mask_rs;
   float* stats;
   int threads;
+  float* scratch;  // threads * epilogue_scratch_per_thread(N) floats, when stats is set
 };
 
 // dst[r, c] = src[r, c] * mask[r / (R / M), c]; src may equal dst.

@@ -9,7 +9,18 @@
 
 #include "canfast.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num() { return 0; }
+#endif
+
 #if defined(__x86_64__) || defined(_M_X64)
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12's own intrinsic headers self-initialise an "undefined" vector (`__Y = __Y`), which
+// -Wmaybe-uninitialized reports at every inlined use; the pattern is intended.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 #include <immintrin.h>
 
 #if defined(__clang__)

@@ -6,6 +6,12 @@
 
 #include "canfast.h"
 
+#ifdef _OPENMP
+#include <omp.h>
+#else
+static inline int omp_get_thread_num() { return 0; }
+#endif
+
 namespace canfast {
 namespace {
 

@@ -3,47 +3,45 @@
 // namespace (and their target region). Not a standalone header: no includes, no include guard.
 //
 // Parallel layout shared by the two reductions (score and the |y| statistics): work items are
-// (group, channel chunk, row block). A chunk's sums live in a small fp32 buffer on the thread's
-// stack while the rows stream past, so each input byte is read once, by one thread, in long
-// contiguous runs, and the output is touched once per item.
+// (group, channel chunk, row block). A chunk's partial sums live in a per-thread fp32 scratch
+// buffer (L1/L2) while the rows stream past, so each input byte is read once, by one thread, in
+// long contiguous runs, and the output is touched once per item.
 
-constexpr int64_t kMaxChunk = 1024;    // channels per work item: 3 sums * 4 KiB stay in L1/L2
-constexpr int64_t kMinChunk = 128;     // below this the per-row runs get too short to stream
+constexpr int64_t kMinChunk = 128;      // below this the per-row runs get too short to stream
 constexpr int64_t kRowsPerFlush = 256;  // rows summed before folding into the second-level sum
 
 struct Plan {
-  int64_t chunk;     // channels per item
-  int64_t n_chunks;  // ceil(C / chunk)
-  int64_t rows;      // rows per item
+  int64_t chunk;      // channels per item
+  int64_t n_chunks;   // ceil(C / chunk)
+  int64_t rows;       // rows per item
   int64_t n_rblocks;  // ceil(T / rows)
 };
 
-// Enough items for every thread (several each, so uneven padding evens out), without making
-// chunks so narrow that the streams stop being long runs. Rows are split only as a last resort,
-// because items sharing a chunk must then add into the output atomically.
+static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Chunks as wide as kMaxChunk allows (split evenly), since long runs per row stream best;
+// narrower only when there would be fewer than a few items per thread (uneven padding then
+// evens out). Rows are split only as a last resort, because items sharing a chunk must then
+// add into the output atomically.
 static Plan make_plan(int64_t groups, int64_t T, int64_t C, int threads) {
   const int64_t want = 4 * static_cast<int64_t>(threads > 0 ? threads : 1);
   Plan p{};
-  p.chunk = C < kMaxChunk ? C : kMaxChunk;
-  if (p.chunk < 1) p.chunk = 1;
-  p.n_chunks = (C + p.chunk - 1) / p.chunk;
-  if (groups * p.n_chunks < want && C > kMinChunk) {
-    const int64_t per_group = (want + groups - 1) / groups;
-    int64_t chunk = (C + per_group - 1) / per_group;
-    chunk = (chunk + 63) / 64 * 64;  // whole cache lines per row run
-    p.chunk = chunk < kMinChunk ? kMinChunk : chunk;
-    if (p.chunk > C) p.chunk = C;
-    p.n_chunks = (C + p.chunk - 1) / p.chunk;
-  }
+  int64_t n_chunks = ceil_div(C, kMaxChunk);
+  if (groups * n_chunks < want && C > kMinChunk) n_chunks = ceil_div(want, groups);
+  int64_t chunk = ceil_div(ceil_div(C, n_chunks), 64) * 64;  // whole cache lines per row run
+  if (chunk < kMinChunk) chunk = kMinChunk;
+  if (chunk > C) chunk = C;
+  p.chunk = chunk > 0 ? chunk : 1;
+  p.n_chunks = ceil_div(C, p.chunk);
   p.rows = T > 0 ? T : 1;
   p.n_rblocks = 1;
   const int64_t have = groups * p.n_chunks;
   if (have < want && T >= 128) {
-    int64_t split = (want + have - 1) / have;
+    int64_t split = ceil_div(want, have);
     if (split > T / 64) split = T / 64;  // keep at least 64 rows per item
     if (split > 1) {
-      p.rows = (T + split - 1) / split;
-      p.n_rblocks = (T + p.rows - 1) / p.rows;
+      p.rows = ceil_div(T, split);
+      p.n_rblocks = ceil_div(T, p.rows);
     }
   }
   return p;
@@ -80,47 +78,83 @@ static inline typename V::reg weight_of(typename V::reg ag, typename V::reg alph
   return ag;  // kAlphaOne; kAlphaZero never asks
 }
 
-// Sums NR rows (pointers pa[k], pg[k], k < NR) into the three chunk buffers at channel c.
-// Loading the buffers once per NR rows rather than per row keeps the L1 traffic well below
-// the DRAM stream, and NR independent row streams keep several cache misses in flight.
-template <class S, int MODE, int NR>
+// Sums NR rows (pointers pa[k], pg[k], k < NR) into the three chunk buffers at channel c, 2W
+// channels (`lanes` of them real) at a time. Loading the buffers once per NR rows rather than
+// per row keeps their traffic well below the input stream, and NR independent rows keep
+// several cache misses in flight. Buffers are padded to whole pairs, so their loads are full.
+template <class S, int MODE, int NR, bool FULL>
 static inline void score_rows(const S* const* pa, const S* const* pg, int64_t c, int lanes,
                               float* s0, float* s1, float* s2, typename V::reg alpha) {
   using reg = typename V::reg;
-  const bool full = lanes == V::W;
-  reg r0 = full ? V::load(s0 + c) : V::load_n(s0 + c, lanes);
-  reg r1 = full ? V::load(s1 + c) : V::load_n(s1 + c, lanes);
-  reg r2 = full ? V::load(s2 + c) : V::load_n(s2 + c, lanes);
+  reg w_lo = V::load(s0 + c), w_hi = V::load(s0 + c + V::W);
+  reg a_lo = V::load(s1 + c), a_hi = V::load(s1 + c + V::W);
+  reg g_lo = V::load(s2 + c), g_hi = V::load(s2 + c + V::W);
   for (int k = 0; k < NR; ++k) {
-    const reg va = V::abs(full ? V::load(pa[k] + c) : V::load_n(pa[k] + c, lanes));
-    const reg vg = V::abs(full ? V::load(pg[k] + c) : V::load_n(pg[k] + c, lanes));
-    if (MODE != kAlphaZero) r0 = V::fmadd(weight_of<MODE>(vg, alpha), va, r0);
-    r1 = V::add(r1, va);
-    r2 = V::add(r2, vg);
+    reg xa_lo, xa_hi, xg_lo, xg_hi;
+    if (FULL) {
+      V::load_pair(pa[k] + c, xa_lo, xa_hi);
+      V::load_pair(pg[k] + c, xg_lo, xg_hi);
+    } else {
+      V::load_pair_n(pa[k] + c, lanes, xa_lo, xa_hi);
+      V::load_pair_n(pg[k] + c, lanes, xg_lo, xg_hi);
+    }
+    xa_lo = V::abs(xa_lo);
+    xa_hi = V::abs(xa_hi);
+    xg_lo = V::abs(xg_lo);
+    xg_hi = V::abs(xg_hi);
+    if (MODE != kAlphaZero) {
+      w_lo = V::fmadd(weight_of<MODE>(xg_lo, alpha), xa_lo, w_lo);
+      w_hi = V::fmadd(weight_of<MODE>(xg_hi, alpha), xa_hi, w_hi);
+    }
+    a_lo = V::add(a_lo, xa_lo);
+    a_hi = V::add(a_hi, xa_hi);
+    g_lo = V::add(g_lo, xg_lo);
+    g_hi = V::add(g_hi, xg_hi);
   }
-  if (full) {
-    if (MODE != kAlphaZero) V::store(s0 + c, r0);
-    V::store(s1 + c, r1);
-    V::store(s2 + c, r2);
-  } else {
-    if (MODE != kAlphaZero) V::store_n(s0 + c, r0, lanes);
-    V::store_n(s1 + c, r1, lanes);
-    V::store_n(s2 + c, r2, lanes);
+  if (MODE != kAlphaZero) {
+    V::store(s0 + c, w_lo);
+    V::store(s0 + c + V::W, w_hi);
   }
+  V::store(s1 + c, a_lo);
+  V::store(s1 + c + V::W, a_hi);
+  V::store(s2 + c, g_lo);
+  V::store(s2 + c + V::W, g_hi);
 }
 
 template <class S, int MODE, int NR>
 static void score_group(const S* const* pa, const S* const* pg, int64_t n, float* s0, float* s1,
                         float* s2, typename V::reg alpha) {
+  constexpr int64_t step = 2 * V::W;
   int64_t c = 0;
-  for (; c + V::W <= n; c += V::W) score_rows<S, MODE, NR>(pa, pg, c, V::W, s0, s1, s2, alpha);
-  if (c < n) score_rows<S, MODE, NR>(pa, pg, c, int(n - c), s0, s1, s2, alpha);
+  for (; c + step <= n; c += step) {
+    score_rows<S, MODE, NR, true>(pa, pg, c, int(step), s0, s1, s2, alpha);
+  }
+  if (c < n) score_rows<S, MODE, NR, false>(pa, pg, c, int(n - c), s0, s1, s2, alpha);
+}
+
+// out[0:n] += sums[0:n], where sums may hold each block of 2W channels as evens then odds.
+static void add_sums(float* out, const float* sums, int64_t n, bool permuted, bool atomic) {
+  if (!permuted) return add_into(out, sums, n, atomic);
+  for (int64_t j = 0; j < n; ++j) {
+    const int64_t base = j / (2 * V::W) * (2 * V::W);
+    const int64_t k = j - base;
+    const float v = sums[base + ((k & 1) ? V::W + (k >> 1) : (k >> 1))];
+    if (atomic) {
+#pragma omp atomic
+      out[j] += v;
+    } else {
+      out[j] += v;
+    }
+  }
 }
 
 template <class S, int MODE>
-static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t ci, int64_t rb) {
+static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t ci, int64_t rb,
+                       float* scratch) {
   const int64_t c0 = ci * plan.chunk;
   const int64_t n = (p.C - c0) < plan.chunk ? (p.C - c0) : plan.chunk;
+  const int64_t padded = (n + 2 * V::W - 1) / (2 * V::W) * (2 * V::W);
+  const int64_t stride = padded_chunk(plan.chunk);
   const int64_t t_begin = rb * plan.rows;
   const int64_t t_end = (t_begin + plan.rows) < p.T ? (t_begin + plan.rows) : p.T;
   const S* a = static_cast<const S*>(p.a) + b * p.a_sb + c0;
@@ -129,13 +163,13 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
 
   // Two levels: `blk` sums at most kRowsPerFlush rows, `tot` sums the blocks, so a long
   // sequence never adds a small term to a large fp32 sum more than a few hundred times in a row.
-  alignas(64) float blk[3][kMaxChunk];
-  alignas(64) float tot[3][kMaxChunk];
-  for (int k = 0; k < 3; ++k) zero_floats(tot[k], n);
+  float* blk[3] = {scratch, scratch + stride, scratch + 2 * stride};
+  float* tot[3] = {scratch + 3 * stride, scratch + 4 * stride, scratch + 5 * stride};
+  for (int k = 0; k < 3; ++k) zero_floats(tot[k], padded);
 
   int64_t t = t_begin;
   while (t < t_end) {
-    for (int k = 0; k < 3; ++k) zero_floats(blk[k], n);
+    for (int k = 0; k < 3; ++k) zero_floats(blk[k], padded);
     int64_t picked = 0;
     const S* pa[4];
     const S* pg[4];
@@ -158,15 +192,16 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
     if (used == 2) score_group<S, MODE, 2>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
     if (used == 1) score_group<S, MODE, 1>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
     if (picked == 0) break;
-    for (int k = 0; k < 3; ++k) add_into(tot[k], blk[k], n, false);
+    for (int k = 0; k < 3; ++k) add_into(tot[k], blk[k], padded, false);
   }
 
   const bool atomic = plan.n_rblocks > 1;
+  const bool permuted = V::pair_permuted(a);
   float* out = p.out + b * p.o_sb + c0;
   // With alpha = 0 the weighted sum is the |a| sum (|g|**0 = 1, also for g = 0, as in torch).
-  add_into(out, MODE == kAlphaZero ? tot[1] : tot[0], n, atomic);
-  add_into(out + p.o_sk, tot[1], n, atomic);
-  add_into(out + 2 * p.o_sk, tot[2], n, atomic);
+  add_sums(out, MODE == kAlphaZero ? tot[1] : tot[0], n, permuted, atomic);
+  add_sums(out + p.o_sk, tot[1], n, permuted, atomic);
+  add_sums(out + 2 * p.o_sk, tot[2], n, permuted, atomic);
 }
 
 template <class S, int MODE>
@@ -174,13 +209,17 @@ static void score_typed(const ScoreArgs& p) {
   const Plan plan = make_plan(p.B, p.T, p.C, p.threads);
   const int64_t per_b = plan.n_chunks * plan.n_rblocks;
   const int64_t items = p.B * per_b;
-  // Dynamic: items differ in cost when samples have different numbers of padding rows.
-#pragma omp parallel for num_threads(p.threads) schedule(dynamic, 1)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t b = it / per_b;
-    const int64_t ci = (it % per_b) / plan.n_rblocks;
-    const int64_t rb = it % plan.n_rblocks;
-    score_item<S, MODE>(p, plan, b, ci, rb);
+#pragma omp parallel num_threads(p.threads)
+  {
+    float* scratch = p.scratch + omp_get_thread_num() * score_scratch_per_thread(p.C);
+    // Dynamic: items differ in cost when samples have different numbers of padding rows.
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t b = it / per_b;
+      const int64_t ci = (it % per_b) / plan.n_rblocks;
+      const int64_t rb = it % plan.n_rblocks;
+      score_item<S, MODE>(p, plan, b, ci, rb, scratch);
+    }
   }
 }
 
@@ -202,19 +241,19 @@ static void score_kernel(const ScoreArgs& p) {
 }
 
 // ------------------------------------------------------------------------------------------
-// masked_linear epilogue: bias, output mask and the |y| column sums in one pass over y.
+// masked_linear epilogue: output mask and the |y| column sums in one pass over y.
 
 template <class S>
-static inline void epilogue_vec(S* row, const float* bias, const float* mask, float* st, int64_t c,
-                                int lanes) {
+static inline void epilogue_vec(S* row, const float* mask, float* st, int64_t c, int lanes) {
   const bool full = lanes == V::W;
-  typename V::reg v = full ? V::load(row + c) : V::load_n(row + c, lanes);
-  if (bias) v = V::add(v, full ? V::load(bias + c) : V::load_n(bias + c, lanes));
-  if (mask) v = V::mul(v, full ? V::load(mask + c) : V::load_n(mask + c, lanes));
-  if (full) {
-    V::store(row + c, v);
-  } else {
-    V::store_n(row + c, v, lanes);
+  if (mask) {
+    typename V::reg v = full ? V::load(row + c) : V::load_n(row + c, lanes);
+    v = V::mul(v, full ? V::load(mask + c) : V::load_n(mask + c, lanes));
+    if (full) {
+      V::store(row + c, v);
+    } else {
+      V::store_n(row + c, v, lanes);
+    }
   }
   if (st) {
     // Sum what was stored (rounded to the storage type), as the reference sums y itself.
@@ -239,11 +278,10 @@ static void epilogue_typed(const EpilogueArgs& p) {
     const int64_t n = (p.N - c0) < plan.chunk ? (p.N - c0) : plan.chunk;
     const int64_t r_begin = (it % plan.n_rblocks) * plan.rows;
     const int64_t r_end = (r_begin + plan.rows) < p.R ? (r_begin + plan.rows) : p.R;
-    alignas(64) float blk[kMaxChunk];
-    alignas(64) float tot[kMaxChunk];
+    float* blk = p.scratch + omp_get_thread_num() * epilogue_scratch_per_thread(p.N);
+    float* tot = blk + plan.chunk;
     float* st = p.stats ? blk : nullptr;
     if (st) zero_floats(tot, n);
-    const float* bias = p.bias ? p.bias + c0 : nullptr;
     for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerFlush) {
       const int64_t r1 = (r0 + kRowsPerFlush) < r_end ? (r0 + kRowsPerFlush) : r_end;
       if (st) zero_floats(blk, n);
@@ -251,8 +289,8 @@ static void epilogue_typed(const EpilogueArgs& p) {
         S* row = static_cast<S*>(p.y) + r * p.y_rs + c0;
         const float* mask = p.mask ? p.mask + (r / rows_per_mask) * p.mask_rs + c0 : nullptr;
         int64_t c = 0;
-        for (; c + V::W <= n; c += V::W) epilogue_vec<S>(row, bias, mask, st, c, V::W);
-        if (c < n) epilogue_vec<S>(row, bias, mask, st, c, int(n - c));
+        for (; c + V::W <= n; c += V::W) epilogue_vec<S>(row, mask, st, c, V::W);
+        if (c < n) epilogue_vec<S>(row, mask, st, c, int(n - c));
       }
       if (st) add_into(tot, blk, n, false);
     }

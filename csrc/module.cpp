@@ -6,6 +6,7 @@
 // an address really spans the memory its sizes and strides describe: canfast.ops.cpp derives them
 // from live tensors, and other callers must do the same.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cmath>
 #include <cstdint>
@@ -182,13 +183,14 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   p.o_sk = o_sk;
   p.alpha = static_cast<float>(alpha);
   p.threads = thread_count(threads);
+  std::vector<float> scratch(static_cast<size_t>(p.threads * score_scratch_per_thread(C)));
+  p.scratch = scratch.data();
   const KernelTable* k = g_table;
   py::gil_scoped_release release;
   k->score(p);
 }
 
-void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs, uintptr_t bias,
-                     uintptr_t mask, int64_t M, int64_t mask_rs, uintptr_t stats, int threads) {
+void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs, uintptr_t mask, int64_t M, int64_t mask_rs, uintptr_t stats, int threads) {
   EpilogueArgs p{};
   p.dtype = dtype_of(dtype);
   nonneg("R", R);
@@ -196,7 +198,6 @@ void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs,
   const int64_t numel = product({R, N});
   pointer("y", y, elem_size(p.dtype), numel);
   row_stride("y row stride", y_rs, R, N, true);
-  if (numel > 0 && bias) pointer("bias", bias, 4, N);
   if (numel > 0 && stats) pointer("stats", stats, 4, N);
   if (mask) {
     if (M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(M));
@@ -208,13 +209,14 @@ void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs,
   p.R = R;
   p.N = N;
   p.y_rs = y_rs;
-  p.bias = reinterpret_cast<const float*>(bias);
   p.mask = reinterpret_cast<const float*>(mask);
   p.M = mask ? M : 1;
   p.mask_rs = mask_rs;
   p.stats = reinterpret_cast<float*>(stats);
   p.threads = thread_count(threads);
-  if (p.bias == nullptr && p.mask == nullptr && p.stats == nullptr) return;
+  if (p.mask == nullptr && p.stats == nullptr) return;
+  std::vector<float> scratch(p.stats ? static_cast<size_t>(p.threads * epilogue_scratch_per_thread(N)) : 0);
+  p.scratch = scratch.data();
   const KernelTable* k = g_table;
   py::gil_scoped_release release;
   k->epilogue(p);
@@ -329,9 +331,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("o_sb"), py::arg("o_sk"), py::arg("alpha"), py::arg("threads"),
         "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2).");
   m.def("linear_epilogue", &linear_epilogue, py::arg("y"), py::arg("dtype"), py::arg("R"),
-        py::arg("N"), py::arg("y_rs"), py::arg("bias"), py::arg("mask"), py::arg("M"),
+        py::arg("N"), py::arg("y_rs"), py::arg("mask"), py::arg("M"),
         py::arg("mask_rs"), py::arg("stats"), py::arg("threads"),
-        "In place: y = (y + bias) * mask[row block]; stats += column sums of |y|.");
+        "In place: y *= mask[row block]; stats += column sums of |y|.");
   m.def("row_mask", &row_mask, py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("R"),
         py::arg("K"), py::arg("src_rs"), py::arg("dst_rs"), py::arg("mask"), py::arg("M"),
         py::arg("mask_rs"), py::arg("threads"), "dst = src * mask[row block] (src may be dst).");

@@ -8,6 +8,12 @@
 // Every type offers: W lanes, load / load_n / store / store_n for float, bf16 and f16 storage
 // (load converts to fp32, store rounds to nearest even), arithmetic, abs, sqrt, and pow_pos(x, a)
 // = x**a for x >= 0 (the general-alpha path of the score).
+//
+// load_pair(p, lo, hi) reads 2W channels at once for the reductions, whose accumulators are
+// private and so may keep channels in any order. For bf16 the SIMD types return the even
+// channels in `lo` and the odd ones in `hi`: one 64-byte load and two integer ops (x << 16,
+// x & 0xffff0000) widen 32 bf16 values, where the in-order widening costs two loads and two
+// cross-lane shuffles; pair_permuted(p) tells the caller to undo that order at the end.
 
 // -------------------------------------------------------------------------------------------
 // Portable fallback: one lane, the compiler may still auto-vectorize the loops around it.
@@ -33,6 +39,20 @@ struct VecScalar {
   template <class S>
   static void store_n(S* p, reg v, int) {
     from_float(v, p);
+  }
+  template <class S>
+  static void load_pair(const S* p, reg& lo, reg& hi) {
+    lo = to_float(p[0]);
+    hi = to_float(p[1]);
+  }
+  template <class S>
+  static void load_pair_n(const S* p, int, reg& lo, reg& hi) {
+    lo = to_float(p[0]);  // n < 2W = 2 means one channel
+    hi = 0.0f;
+  }
+  template <class S>
+  static constexpr bool pair_permuted(const S*) {
+    return false;
   }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
@@ -149,6 +169,28 @@ struct VecAVX2 {
     for (int i = 0; i < n; ++i) p[i] = tmp[i];
   }
 
+  template <class S>
+  static void load_pair(const S* p, reg& lo, reg& hi) {
+    lo = load(p);
+    hi = load(p + W);
+  }
+  static void load_pair(const bf16* p, reg& lo, reg& hi) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+    hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
+  }
+  template <class S>
+  static void load_pair_n(const S* p, int n, reg& lo, reg& hi) {
+    S tmp[2 * W];
+    for (int i = 0; i < 2 * W; ++i) tmp[i] = i < n ? p[i] : S{};
+    load_pair(tmp, lo, hi);
+  }
+  template <class S>
+  static constexpr bool pair_permuted(const S*) {
+    return false;
+  }
+  static constexpr bool pair_permuted(const bf16*) { return true; }
+
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm256_mul_ps(a, b); }
@@ -235,12 +277,49 @@ struct VecAVX512 {
   static void store_n(bf16* p, reg v, int n) { _mm256_mask_storeu_epi16(p, first(n), narrow_bf16(v)); }
   static void store_n(f16* p, reg v, int n) { _mm256_mask_storeu_epi16(p, first(n), narrow_f16(v)); }
 
+  template <class S>
+  static void load_pair(const S* p, reg& lo, reg& hi) {
+    lo = load(p);
+    hi = load(p + W);
+  }
+  template <class S>
+  static void load_pair_n(const S* p, int n, reg& lo, reg& hi) {
+    lo = n >= W ? load(p) : load_n(p, n);
+    hi = n > W ? load_n(p + W, n - W) : zero();
+  }
+  static void split_bf16(__m512i x, reg& lo, reg& hi) {
+    lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
+    hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
+  }
+  static void load_pair(const bf16* p, reg& lo, reg& hi) { split_bf16(_mm512_loadu_si512(p), lo, hi); }
+  static void load_pair_n(const bf16* p, int n, reg& lo, reg& hi) {
+    const __mmask32 m = static_cast<__mmask32>((uint64_t(1) << n) - 1u);
+    split_bf16(_mm512_maskz_loadu_epi16(m, p), lo, hi);
+  }
+  template <class S>
+  static constexpr bool pair_permuted(const S*) {
+    return false;
+  }
+  static constexpr bool pair_permuted(const bf16*) { return true; }
+
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }
   static reg mul(reg a, reg b) { return _mm512_mul_ps(a, b); }
   static reg fmadd(reg a, reg b, reg c) { return _mm512_fmadd_ps(a, b, c); }
   static reg abs(reg a) { return _mm512_abs_ps(a); }
-  static reg sqrt(reg a) { return _mm512_sqrt_ps(a); }
+  // sqrt for a >= 0 from the 14-bit reciprocal square root and one Newton step (about 1e-7
+  // relative): vsqrtps zmm issues once every several cycles, and with alpha = 0.5 it alone
+  // would bound the score kernel below the memory stream. rsqrt14 reads subnormals correctly;
+  // 0 is masked to 0 and +inf patched back (inf * rsqrt(inf) = inf * 0 is NaN).
+  static reg sqrt(reg a) {
+    const __mmask16 positive = _mm512_cmp_ps_mask(a, _mm512_setzero_ps(), _CMP_GT_OQ);
+    const reg y = _mm512_maskz_rsqrt14_ps(positive, a);
+    const reg s = _mm512_mul_ps(a, y);
+    const reg residual = _mm512_fnmadd_ps(s, y, _mm512_set1_ps(1.0f));
+    const reg refined = _mm512_fmadd_ps(_mm512_mul_ps(s, _mm512_set1_ps(0.5f)), residual, s);
+    const __mmask16 inf = _mm512_cmp_ps_mask(a, _mm512_set1_ps(__builtin_inff()), _CMP_EQ_OQ);
+    return _mm512_mask_blend_ps(inf, refined, a);
+  }
 
   static mask gt(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
   static mask eq(reg a, reg b) { return _mm512_cmp_ps_mask(a, b, _CMP_EQ_OQ); }

@@ -124,6 +124,8 @@ def ablate_expand(
                 f"y {tuple(y.shape)}, mid {tuple(mid.shape)} and weight {tuple(weight.shape)} "
                 "do not match (y [..., N], mid [..., K], weight [N, K])"
             )
+    # torch indexing takes CPU indices for CUDA tensors; the kernel reads them contiguously.
+    neurons = neurons.to(y.device).contiguous()
     check_tensors("ablate_expand", y, neurons, mid, weight)
     n_copies = neurons.shape[0]
     out = torch.empty(n_copies, *y.shape, dtype=y.dtype, device=y.device)

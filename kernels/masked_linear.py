@@ -161,7 +161,7 @@ def _mask_layout(
     """Check ``mask`` against ``x``; return it in ``x``'s dtype, its layout and rows per block."""
     if mask is None:
         return None, _NO_MASK, 1
-    if mask.shape[-1] != channels or mask.dim() not in (1, 2):
+    if mask.dim() not in (1, 2) or mask.shape[-1] != channels:
         raise ValueError(f"{name} must be [{channels}] or [M, {channels}], got {tuple(mask.shape)}")
     # The reference multiplies by mask.to(x.dtype); converting here gives the same values.
     mask = mask.to(x.dtype)
@@ -214,7 +214,8 @@ def masked_linear_forward(
             bias,
             in_mask,
             out_mask,
-            stats,
+            # Older Triton releases clone every restore_value argument while autotuning, None too.
+            stats if stats is not None else y.new_empty(0, dtype=torch.float32),
             y,
             rows,
             n_out,
@@ -272,9 +273,13 @@ class ScoreSink:
         """Raise unless an output of shape ``y_shape`` splits into this sink's samples."""
         channels = y_shape[-1]
         rows = torch.Size(y_shape[:-1]).numel()
-        samples = self.out.shape[0]
         if self.out.dim() != 3 or self.out.shape[1:] != (3, channels):
             raise ValueError(f"sink.out must be [B, 3, {channels}], got {tuple(self.out.shape)}")
+        samples = self.out.shape[0]
+        if self.out.dtype != torch.float32:
+            raise ValueError(f"sink.out must be float32, got {self.out.dtype}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"sink.alpha must lie in [0, 1], got {self.alpha}")
         if samples == 0 or rows % samples:
             raise ValueError(f"{rows} output rows do not split into {samples} samples")
         if self.valid is not None and self.valid.shape != (samples, rows // samples):
@@ -301,7 +306,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     than fusing it into the ``dL/dx`` matmul: that matmul is compute-bound and reads each ``dL/dy``
     tile once per output column tile, so folding a per-sample reduction into it would need a
     segmented reduction across row tiles and would slow the programs that do it, while the
-    separate pass is memory-bound and costs about 1/8 of the matmul at LLaVA shapes
+    separate pass is memory-bound and costs about 13% of the matmul at LLaVA shapes
     (see bench/roofline_triton.md).
     """
 

@@ -25,6 +25,7 @@ pytest.importorskip("triton")
 
 import canfast.kernels as kernels  # noqa: E402
 from canfast.kernels._common import INTERPRET  # noqa: E402
+
 from canfast.ops import reference  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"

@@ -36,7 +36,7 @@ from canfast.zoo.scenes import (
 # Held-out scenes scored per model; each gives one caption and one question.
 ACCURACY_SCENES = 160
 WEIGHTS_LIMIT = 10 * 1024 * 1024
-SCENES_DIGEST = "5a154ab92e7db37a151d523bf419bf7cb96b1bcbea5f311252f0d2c9ad68cc01"
+SCENES_DIGEST = "ef7fb7ffb1200b9ea0c7c7a76de2826b5cc060332e139a38898e85ced306c2d3"
 
 
 def test_scenes_are_deterministic():

@@ -25,8 +25,10 @@ def score_accumulate(
     # torch.pow(0, 0) == 1, so alpha = 0 gives the mean |a| whatever the gradient is.
     weighted = g32.pow(alpha) * a32
     if valid is not None:
-        keep = valid.to(torch.float32).unsqueeze(-1)
-        weighted, a32, g32 = weighted * keep, a32 * keep, g32 * keep
+        # Select, not multiply: padding rows may hold inf or NaN (a fully masked attention row),
+        # and 0 * NaN would leak them into the sums of valid rows.
+        keep = valid.to(torch.bool).unsqueeze(-1)
+        weighted, a32, g32 = (torch.where(keep, t, 0.0) for t in (weighted, a32, g32))
     out[:, 0] += weighted.sum(dim=1)
     out[:, 1] += a32.sum(dim=1)
     out[:, 2] += g32.sum(dim=1)
@@ -78,7 +80,8 @@ def ablate_expand(
     if mid is None:
         expanded[torch.arange(n, device=y.device), ..., neurons] = 0
         return expanded
+    # The channel count is spelled out: reshape cannot infer -1 when there are no neurons.
     contribution = mid[..., neurons].float().movedim(-1, 0).unsqueeze(-1) * weight[
         :, neurons
-    ].float().t().reshape(n, *([1] * (y.dim() - 1)), -1)
+    ].float().t().reshape(n, *([1] * (y.dim() - 1)), y.shape[-1])
     return (expanded.float() - contribution).to(y.dtype)

@@ -28,6 +28,11 @@ COLOURS = {
 }
 # Side of the bounding box in pixels; odd so that apexes and bars sit on a pixel centre.
 SIZES = {"small": 7, "large": 13}
+# The built-in models cut images into 8-pixel patches, four to a quadrant. A small shape lies
+# inside one of its quadrant's patches (at one of 4 offsets), so that one patch shows all of it;
+# a large one covers the quadrant's centre, give or take a pixel. Tiny vision towers then learn
+# shapes in minutes, and positions still vary: 25 placements per quadrant.
+PATCH = 8
 # Reading order: captions list the shapes in this order, which makes a caption a function of
 # the picture alone.
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
@@ -157,15 +162,22 @@ def make_scene(seed: int) -> Scene:
     shapes = []
     for kind, quadrant in zip(kinds, quadrants, strict=True):
         size = rng.choice(tuple(SIZES))
-        slack = QUADRANT - SIZES[size]
+        colour = rng.choice(tuple(COLOURS))
+        if size == "small":
+            patch = rng.randrange(4)
+            dx = (patch % 2) * PATCH + rng.randint(0, PATCH - SIZES[size])
+            dy = (patch // 2) * PATCH + rng.randint(0, PATCH - SIZES[size])
+        else:
+            centre = (QUADRANT - SIZES[size]) // 2
+            dx, dy = centre + rng.randint(-1, 1), centre + rng.randint(-1, 1)
         shapes.append(
             Shape(
                 kind=kind,
-                colour=rng.choice(tuple(COLOURS)),
+                colour=colour,
                 size=size,
                 position=POSITIONS[quadrant],
-                x=(quadrant % 2) * QUADRANT + rng.randint(0, slack),
-                y=(quadrant // 2) * QUADRANT + rng.randint(0, slack),
+                x=(quadrant % 2) * QUADRANT + dx,
+                y=(quadrant // 2) * QUADRANT + dy,
             )
         )
     return Scene(seed=seed, shapes=tuple(shapes))

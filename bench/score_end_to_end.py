@@ -1,0 +1,151 @@
+"""End-to-end cost of CAN scoring against the bare work it cannot avoid.
+
+The floor is a forward and a backward pass that produce the activation gradients at every FFN
+site (parameters frozen, exactly what scoring needs) with nothing done to them. canfast.score
+adds the fused reduction of activations and gradients, once per site. The ratio of the two,
+per backend, is what this prints; the target for the fast backend is at most 1.3x.
+
+Model: a ~50M-parameter Llama-shaped causal LM with random weights (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+import canfast
+from canfast import ops
+from canfast.data import Sample
+
+RESULTS = Path(__file__).parent / "results" / "score_end_to_end.json"
+
+
+def build(quick: bool) -> canfast.Model:
+    vocab = [f"w{i}" for i in range(2000)] + ["<pad>", "<s>", "</s>", "<unk>"]
+    tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>"
+    )
+    size = (
+        dict(hidden_size=128, intermediate_size=344, num_hidden_layers=2)
+        if quick
+        else dict(hidden_size=640, intermediate_size=1728, num_hidden_layers=8)
+    )
+    config = LlamaConfig(
+        vocab_size=32000,
+        num_attention_heads=8 if not quick else 4,
+        num_key_value_heads=8 if not quick else 4,
+        pad_token_id=vocab.index("<pad>"),
+        bos_token_id=vocab.index("<s>"),
+        eos_token_id=vocab.index("</s>"),
+        **size,
+    )
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(config).eval()
+    return canfast.Model(hf, tok, name="bench-llama")
+
+
+def samples(n: int, prompt_words: int, target_words: int) -> list[Sample]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        words = [
+            f"w{int(i)}"
+            for i in torch.randint(0, 2000, (prompt_words + target_words,), generator=g)
+        ]
+        out.append(Sample(None, " ".join(words[:prompt_words]), " ".join(words[prompt_words:])))
+    return out
+
+
+def bare_forward_backward(model: canfast.Model, data: list[Sample], batch_size: int) -> None:
+    """Activation gradients at every site and nothing else: the floor of any scoring method."""
+    from canfast.objective import mean_nll
+
+    sites = model.sites()
+
+    def start_graph(module, args, output):
+        return output if output.requires_grad else output.detach().requires_grad_()
+
+    handles = [s.module.register_forward_hook(start_graph) for s in sites]
+    model.hf.requires_grad_(False)
+    try:
+        for start in range(0, len(data), batch_size):
+            batch = model.encode(data[start : start + batch_size])
+            mean_nll(model.forward(batch), batch).sum().backward()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def median_time(fn, repeats: int) -> float:
+    fn()  # warm-up: allocator, thread pool, first-call paths
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    model = build(args.quick)
+    n_params = sum(p.numel() for p in model.hf.parameters())
+    data = samples(
+        8 if not args.quick else 2, 200 if not args.quick else 16, 56 if not args.quick else 8
+    )
+    batch_size = 4 if not args.quick else 2
+    with torch.no_grad():
+        model.encode(data[:1])
+    floor = median_time(lambda: bare_forward_backward(model, data, batch_size), args.repeats)
+    rows = [{"path": "forward+backward (activation grads only)", "seconds": floor, "ratio": 1.0}]
+    for backend in ("torch", "cpp"):
+        if not ops.available(backend):
+            continue
+        seconds = median_time(
+            lambda b=backend: canfast.score(
+                model, data, targets="given", batch_size=batch_size, backend=b, progress=False
+            ),
+            args.repeats,
+        )
+        rows.append(
+            {
+                "path": f"canfast.score backend={backend}",
+                "seconds": seconds,
+                "ratio": seconds / floor,
+            }
+        )
+    tokens = sum(model.encode([s]).inputs["input_ids"].shape[1] for s in data)
+    print(
+        f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(data)} samples, "
+        f"{tokens} tokens, {torch.get_num_threads()} threads, {platform.machine()}"
+    )
+    print(f"{'path':48s} {'median s':>9s} {'x floor':>8s}")
+    for r in rows:
+        print(f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.2f}")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    summary = {
+        "params": n_params,
+        "samples": len(data),
+        "tokens": tokens,
+        "rows": rows,
+        "threads": torch.get_num_threads(),
+        "quick": args.quick,
+    }
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

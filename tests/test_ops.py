@@ -1,0 +1,552 @@
+"""Every op of :mod:`canfast.ops`, on every backend, against float64 computations of its formula.
+
+Backends: ``torch`` (the reference itself), ``cpp`` once per instruction set this CPU runs
+(scalar, AVX2, AVX-512: each is its own code path), and ``triton`` in the interpreter
+(``TRITON_INTERPRET=1`` from conftest.py) on small shapes, because the interpreter is slow.
+
+Inputs are fresh random values rounded to the dtype under test; the truth is computed in float64
+from those rounded values. Outputs that ops add into (score sums, ``stats``, score sinks) are
+pre-filled with random values and the increment is checked; ``_C``'s kernels are also run on
+NaN-filled outputs to show they write every element. Errors are relative to the largest
+magnitude of the truth; ``TOL`` gives the bound per dtype.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from canfast import ops
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-3}
+# The score is summed in fp32 whatever the input dtype, and bf16 / fp16 inputs are exact in
+# fp32, so its sums must reach fp32 accuracy for every dtype: a 16-bit accumulator fails here.
+SUM_TOL = 2e-5
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+BACKENDS = ["torch", "cpp:scalar", "cpp:avx2", "cpp:avx512", "triton"]
+FAST_BACKENDS = ["cpp:scalar", "cpp:avx2", "cpp:avx512", "triton"]
+
+
+def _cases(backends: list[str], shapes: list[tuple], triton_shapes: list[tuple]) -> list:
+    """(backend, shape) pairs; triton, slow in the interpreter, gets ``triton_shapes`` only."""
+    return [
+        pytest.param(backend, shape, id=f"{backend}-{shape}")
+        for backend in backends
+        for shape in (triton_shapes if backend == "triton" else shapes)
+    ]
+
+
+@pytest.fixture
+def backend(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The backend name for canfast.ops; for ``cpp:<isa>`` the kernels run with that ISA."""
+    name = request.param
+    if name == "triton" and importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    if not name.startswith("cpp:"):
+        yield name
+        return
+    # No skip when _C is missing: a broken build must fail these tests, not hide from them.
+    from canfast import _C
+
+    isa = name.split(":", 1)[1]
+    if isa not in _C.supported_isas():
+        pytest.skip(f"this CPU cannot run the {isa} kernels")
+    _C.set_isa(isa)
+    try:
+        yield "cpp"
+    finally:
+        _C.set_isa("auto")
+
+
+def _module(backend: str):
+    return importlib.import_module({"cpp": "canfast.ops.cpp", "triton": "canfast.kernels"}[backend])
+
+
+def rel_err(actual: Tensor, expected: Tensor) -> float:
+    """max |actual - expected| / max |expected|, in float64; inf when actual is not finite."""
+    actual = actual.detach().double()
+    if not torch.isfinite(actual).all():
+        return float("inf")
+    scale = expected.abs().max().clamp_min(1e-300)
+    return ((actual - expected).abs().max() / scale).item()
+
+
+def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> None:
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    err = rel_err(actual, expected)
+    assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
+
+
+def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Tensor:
+    return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
+
+
+def block_rows(mask: Tensor, rows: int) -> Tensor:
+    """A [C] or [M, C] mask as [rows, C]: row r gets block r // (rows / M)."""
+    if mask.dim() == 1:
+        return mask.expand(rows, -1)
+    return mask.repeat_interleave(rows // mask.shape[0], dim=0)
+
+
+# ----------------------------------------------------------------------------------------------
+# score_accumulate
+
+
+def score_truth(a: Tensor, g: Tensor, alpha: float, valid: Tensor | None) -> Tensor:
+    a64, g64 = a.double().abs(), g.double().abs()
+    weighted = g64.pow(alpha) * a64  # float64 pow(0, 0) = 1, as the contract says
+    stacked = torch.stack([weighted, a64, g64], dim=1)  # [B, 3, T, C]
+    if valid is not None:
+        stacked = torch.where(valid[:, None, :, None], stacked, 0.0)
+    return stacked.sum(dim=2)
+
+
+SCORE_SHAPES = [
+    (1, 1, 1),
+    (2, 3, 5),
+    (3, 40, 1),
+    (3, 17, 33),
+    (2, 9, 130),
+    (1, 1, 1000),
+    (4, 65, 257),
+    (2, 300, 1100),  # more rows than one flush block, more channels than one chunk
+]
+TRITON_SCORE_SHAPES = [(1, 1, 1), (3, 17, 33)]
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3, 0.77])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize(
+    ("backend", "shape"), _cases(BACKENDS, SCORE_SHAPES, TRITON_SCORE_SHAPES), indirect=["backend"]
+)
+@pytest.mark.parametrize("with_valid", [False, True], ids=["all", "valid"])
+def test_score_accumulate(backend, shape, dtype, alpha, with_valid) -> None:
+    batch, steps, channels = shape
+    a = randn(*shape, dtype=dtype)
+    g = randn(*shape, dtype=dtype, scale=1e-2)
+    g.view(-1)[:: max(1, g.numel() // 7)] = 0  # exact zeros: 0**alpha is 0, or 1 at alpha 0
+    valid = torch.rand(batch, steps) > 0.3 if with_valid else None
+    if valid is not None:
+        valid[-1] = False  # a sample with no valid row adds nothing
+        # Padding content must never reach the sums, however poisonous.
+        a = torch.where(valid[..., None], a, torch.tensor(float("nan"), dtype=dtype))
+        g = torch.where(valid[..., None], g, torch.tensor(float("inf"), dtype=dtype))
+    before = torch.randn(batch, 3, channels)
+    out = before.clone()
+    returned = ops.score_accumulate(a, g, alpha, out, valid, backend=backend)
+    assert returned is out
+    assert_close(out.double() - before.double(), score_truth(a, g, alpha, valid), SUM_TOL, "sums")
+
+
+@pytest.mark.parametrize("alpha", [1e-3, 0.3, 0.5, 0.77, 0.999])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
+def test_score_power_elementwise(backend, dtype, alpha) -> None:
+    """One row, |a| = 1: each weighted sum is |g|**alpha alone, checked element by element over
+    the whole exponent range of the dtype (subnormals included), zero and infinity."""
+    info = torch.finfo(dtype)
+    low = torch.log2(torch.tensor(info.smallest_normal)).item() - 8  # into the subnormals
+    if backend == "triton" and dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET"):
+        # Triton's interpreter widens bf16 subnormals wrongly (a bare load + .to(float32)
+        # returns 0 for 9.2e-41), so only normal bf16 inputs say anything about the kernel there.
+        low = torch.log2(torch.tensor(info.smallest_normal)).item()
+    high = torch.log2(torch.tensor(info.max)).item() - 1
+    g = (2.0 ** torch.linspace(low, high, 197, dtype=torch.float64)).to(dtype)
+    g = torch.cat([g, torch.tensor([0.0, float("inf")], dtype=dtype)])
+    g = g * torch.where(torch.rand(g.shape) > 0.5, 1, -1).to(dtype)
+    a = torch.ones_like(g)
+    out = torch.zeros(1, 3, g.numel())
+    ops.score_accumulate(a.view(1, 1, -1), g.view(1, 1, -1), alpha, out, backend=backend)
+    want = g.double().abs().pow(alpha)
+    got = out[0, 0].double()
+    # The sums are fp32: results below its smallest normal keep fewer bits, so those may also be
+    # off by a couple of its subnormal spacings (2**-149).
+    finite = torch.isfinite(want)
+    bound = SUM_TOL * want[finite] + 2.0**-148
+    worst = ((got[finite] - want[finite]).abs() / bound).max().item()
+    assert worst <= 1.0, f"|g|**{alpha}: error {worst:.3g} x the bound (relative {SUM_TOL})"
+    assert got[want == 0].eq(0).all(), "0**alpha must be 0 for alpha > 0"
+    assert torch.isinf(got[torch.isinf(want)]).all(), "inf**alpha must be inf"
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
+def test_score_strided_inputs(backend) -> None:
+    """Slices along time and channels, an expanded gradient, a transposed one, a strided out."""
+    a = randn(3, 20, 70)[:, ::2, 3:40]  # strided rows, offset channels
+    grads = {
+        "time-strided": randn(3, 20, 37, scale=1e-2)[:, ::2],
+        "expanded": randn(3, 1, 37).expand(3, 10, 37),  # stride 0 along time
+        "transposed": randn(3, 37, 10).transpose(1, 2),  # channels not unit-stride
+    }
+    for name, grad in grads.items():
+        out = torch.zeros(3, 3, 37)
+        ops.score_accumulate(a, grad, 0.5, out, backend=backend)
+        assert_close(out, score_truth(a, grad, 0.5, None), SUM_TOL, name)
+    out_t = torch.zeros(3, 37, 3).transpose(1, 2)
+    ops.score_accumulate(a, grads["time-strided"], 1.0, out_t, backend=backend)
+    assert_close(out_t, score_truth(a, grads["time-strided"], 1.0, None), SUM_TOL, "strided out")
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_linear
+
+# (leading shape of x, K, N, mask blocks M or None for [C] masks)
+LINEAR_SHAPES = [
+    ((1,), 1, 1, None),
+    ((5,), 7, 3, None),
+    ((4, 3), 33, 17, 2),
+    ((6,), 130, 65, 3),
+    ((2, 5), 64, 31, 1),
+    ((1, 1), 300, 257, 1),
+    ((9, 2), 37, 1, 3),
+    ((3, 100), 70, 1030, 3),  # several row blocks and channel chunks in the epilogue
+]
+TRITON_LINEAR_SHAPES = [((1,), 1, 1, None), ((4, 3), 33, 17, 2)]
+
+
+def _mask(blocks: int | None, channels: int) -> Tensor:
+    shape = (channels,) if blocks is None else (blocks, channels)
+    return (torch.rand(shape) > 0.3).float()
+
+
+def linear_truth(
+    x: Tensor, w: Tensor, b: Tensor | None, om: Tensor | None, im: Tensor | None
+) -> Tensor:
+    rows = x.shape[:-1].numel()
+    x64 = x.double().reshape(rows, -1)
+    if im is not None:
+        x64 = x64 * block_rows(im.to(x.dtype).double(), rows)
+    y = x64 @ w.double().t()
+    if b is not None:
+        y = y + b.double()
+    if om is not None:
+        y = y * block_rows(om.to(x.dtype).double(), rows)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("masks", ["none", "out", "in", "both"])
+@pytest.mark.parametrize("with_bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize(
+    ("backend", "shape"),
+    _cases(BACKENDS, LINEAR_SHAPES, TRITON_LINEAR_SHAPES),
+    indirect=["backend"],
+)
+def test_masked_linear(backend, shape, dtype, masks, with_bias) -> None:
+    lead, k, n, blocks = shape
+    x = randn(*lead, k, dtype=dtype)
+    w = randn(n, k, dtype=dtype, scale=k**-0.5)
+    b = randn(n, dtype=dtype) if with_bias else None
+    om = _mask(blocks, n) if masks in ("out", "both") else None
+    im = _mask(blocks, k) if masks in ("in", "both") else None
+    before = torch.randn(n)
+    stats = before.clone()
+    y = ops.masked_linear(x, w, b, om, im, stats, backend=backend)
+    want = linear_truth(x, w, b, om, im)
+    assert y.dtype == dtype
+    assert_close(y, want, TOL[dtype], "y")
+    if om is not None:
+        off = block_rows(om, x.shape[:-1].numel()).reshape(want.shape) == 0
+        assert y[off].eq(0).all(), "masked output channels must be exactly zero"
+    sums = want.abs().reshape(-1, n).sum(dim=0)
+    assert_close(stats.double() - before.double(), sums, TOL[dtype], "stats")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_masked_linear_conv1d_weight(backend, dtype) -> None:
+    """GPT-2 Conv1D keeps [K, N]; callers pass weight.t(), a non-contiguous [N, K] view."""
+    x = randn(6, 2, 40, dtype=dtype)
+    w_kn = randn(40, 24, dtype=dtype, scale=0.2)
+    om, im = _mask(2, 24), _mask(None, 40)
+    y = ops.masked_linear(x, w_kn.t(), None, om, im, backend=backend)
+    assert_close(y, linear_truth(x, w_kn.t(), None, om, im), TOL[dtype], "conv1d y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("transposed", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_masked_linear_backward(backend, dtype, transposed) -> None:
+    """dL/dx = ((dL/dy * out_mask) @ W) * in_mask; no gradient reaches the weights."""
+    x = randn(4, 3, 45, dtype=dtype).requires_grad_()
+    w = randn(29, 45, dtype=dtype, scale=0.15)
+    if transposed:
+        w = w.t().contiguous().t()
+    w.requires_grad_()
+    b = randn(29, dtype=dtype)
+    om, im = _mask(2, 29), _mask(4, 45)
+    y = ops.masked_linear(x, w, b, om, im, backend=backend)
+    grad_y = randn(*y.shape, dtype=dtype)
+    y.backward(grad_y)
+    rows = 12
+    want = (grad_y.double().reshape(rows, -1) * block_rows(om.double(), rows)) @ w.double()
+    want = (want * block_rows(im.double(), rows)).reshape(x.shape)
+    assert_close(x.grad, want, TOL[dtype], "dx")
+    if backend != "torch":  # the reference is plain autograd, which does train the weights
+        assert w.grad is None, "the weights are frozen: masked_linear gives dL/dx only"
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
+def test_masked_linear_score_sink(backend, dtype, alpha) -> None:
+    """The backward adds the CAN score of (y, dL/dy) to the sink while it computes dL/dx."""
+    module = _module(backend)
+    samples, steps, k, n = 3, 5, 24, 19
+    x = randn(samples, steps, k, dtype=dtype).requires_grad_()
+    w = randn(n, k, dtype=dtype, scale=0.2)
+    om = _mask(None, n)
+    valid = torch.rand(samples, steps) > 0.25
+    before = torch.randn(samples, 3, n)
+    sink = module.ScoreSink(alpha, before.clone(), valid)
+    y = module.masked_linear(x, w, None, om, None, None, sink)
+    grad_y = randn(*y.shape, dtype=dtype, scale=1e-2)
+    y.backward(grad_y)
+    want = score_truth(y.detach(), grad_y, alpha, valid)
+    assert_close(sink.out.double() - before.double(), want, SUM_TOL, "sink sums")
+    want_dx = ((grad_y.double() * om.double()) @ w.double()).reshape(x.shape)
+    assert_close(x.grad, want_dx, TOL[dtype], "dx with sink")
+
+
+# ----------------------------------------------------------------------------------------------
+# ablate_expand
+
+# (leading shape of y, N, K, number of neurons)
+ABLATE_SHAPES = [
+    ((1,), 1, 1, 1),
+    ((3,), 5, 7, 2),
+    ((2, 4), 33, 20, 5),
+    ((1, 1), 130, 65, 3),
+    ((3, 7), 64, 129, 0),
+]
+TRITON_ABLATE_SHAPES = [((1,), 1, 1, 1), ((2, 4), 33, 20, 5)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize(
+    ("backend", "shape"),
+    _cases(BACKENDS, ABLATE_SHAPES, TRITON_ABLATE_SHAPES),
+    indirect=["backend"],
+)
+def test_ablate_expand(backend, shape, dtype, unit) -> None:
+    lead, n_out, n_mid, count = shape
+    y = randn(*lead, n_out, dtype=dtype)
+    limit = n_out if unit == "out" else n_mid
+    neurons = torch.randint(-limit, limit, (count,))
+    if unit == "out":
+        got = ops.ablate_expand(y, neurons, backend=backend)
+        want = y.unsqueeze(0).repeat(count, *([1] * y.dim()))
+        for i, j in enumerate(neurons.tolist()):
+            want[i, ..., j] = 0
+        # Zeroing is a copy: it must be exact, bit for bit.
+        assert got.shape == want.shape and torch.equal(got, want)
+        return
+    mid = randn(*lead, n_mid, dtype=dtype)
+    w = randn(n_out, n_mid, dtype=dtype)
+    got = ops.ablate_expand(y, neurons, mid, w, backend=backend)
+    want = (
+        torch.stack(
+            [y.double() - mid.double()[..., j, None] * w.double()[:, j] for j in neurons.tolist()]
+        )
+        if count
+        else torch.empty(0, *y.shape, dtype=torch.float64)
+    )
+    assert got.dtype == dtype
+    if count:
+        assert_close(got, want, TOL[dtype], "ablate mid")
+    else:
+        assert got.shape == want.shape
+
+
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_ablate_expand_conv1d_weight(backend) -> None:
+    y, mid = randn(2, 3, 16), randn(2, 3, 40)
+    w_kn = randn(40, 16)
+    neurons = torch.tensor([0, 39, 7])
+    got = ops.ablate_expand(y, neurons, mid, w_kn.t(), backend=backend)
+    want = torch.stack(
+        [y.double() - mid.double()[..., j, None] * w_kn.double()[j] for j in (0, 39, 7)]
+    )
+    assert_close(got, want, TOL[torch.float32], "ablate conv1d")
+
+
+# ----------------------------------------------------------------------------------------------
+# _C writes every element it owns (outputs filled with NaN first)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("backend", ["cpp:scalar", "cpp:avx2", "cpp:avx512"], indirect=True)
+def test_cpp_kernels_write_every_element(backend, dtype) -> None:
+    from canfast import _C
+    from canfast.ops.cpp import _DTYPE_CODES
+
+    code = _DTYPE_CODES[dtype]
+    rows, n, count = 7, 37, 3
+    y = randn(rows, n, dtype=dtype)
+    mid_cols, w_rows = torch.randn(rows, count), torch.randn(count, n)
+    neurons = torch.tensor([5, 0, 36])
+    out = torch.full((count, rows, n), float("nan"), dtype=dtype)
+    _C.ablate_expand(
+        y.data_ptr(),
+        out.data_ptr(),
+        code,
+        rows,
+        n,
+        n,
+        count,
+        0,
+        mid_cols.data_ptr(),
+        w_rows.data_ptr(),
+        0,
+    )
+    want = y.double() - mid_cols.double().t()[:, :, None] * w_rows.double()[:, None, :]
+    assert_close(out, want, TOL[dtype], "ablate into NaN")
+    out.fill_(float("nan"))
+    _C.ablate_expand(
+        y.data_ptr(), out.data_ptr(), code, rows, n, n, count, neurons.data_ptr(), 0, 0, 0
+    )
+    assert not out.isnan().any()
+
+    mask = torch.rand(1, n)
+    dst = torch.full((rows, n), float("nan"), dtype=dtype)
+    _C.row_mask(y.data_ptr(), dst.data_ptr(), code, rows, n, n, n, mask.data_ptr(), 1, n, 0)
+    assert_close(dst, y.double() * mask.to(dtype).double(), TOL[dtype], "row mask into NaN")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks: a wrong argument raises, nothing crashes
+
+
+CHECKED_BACKENDS = ["cpp:scalar", "cpp:avx512", "triton"]
+
+
+@pytest.mark.parametrize("backend", ["torch", *CHECKED_BACKENDS], indirect=True)
+def test_alpha_out_of_range_raises(backend) -> None:
+    a = randn(2, 3, 4)
+    for alpha in (1.5, -0.1, float("nan")):
+        with pytest.raises(ValueError):
+            ops.score_accumulate(a, a, alpha, torch.zeros(2, 3, 4), backend=backend)
+
+
+@pytest.mark.parametrize("backend", CHECKED_BACKENDS, indirect=True)
+def test_bad_score_arguments_raise(backend) -> None:
+    a, g = randn(2, 3, 4), randn(2, 3, 4)
+    out = torch.zeros(2, 3, 4)
+    bad = {
+        "float64 inputs": (a.double(), g.double(), out, None),
+        "mixed dtypes": (a, g.bfloat16(), out, None),
+        "shape mismatch": (a, g[:, :2], out, None),
+        "float16 out": (a, g, out.half(), None),
+        "out shape": (a, g, torch.zeros(2, 2, 4), None),
+        "valid shape": (a, g, out, torch.ones(2, 4, dtype=torch.bool)),
+        "2-D inputs": (a[0], g[0], out[0], None),
+    }
+    for what, (a_, g_, out_, valid) in bad.items():
+        with pytest.raises(ValueError):
+            ops.score_accumulate(a_, g_, 0.5, out_, valid, backend=backend)
+            pytest.fail(f"no ValueError for {what}")
+
+
+@pytest.mark.parametrize("backend", CHECKED_BACKENDS, indirect=True)
+def test_bad_linear_arguments_raise(backend) -> None:
+    x, w = randn(6, 8), randn(5, 8)
+    bad = {
+        "weight K": (x, randn(5, 7), None, None, None, None),
+        "weight dtype": (x, w.bfloat16(), None, None, None, None),
+        "float64": (x.double(), w.double(), None, None, None, None),
+        "bias shape": (x, w, randn(4), None, None, None),
+        "out_mask size": (x, w, None, torch.ones(4), None, None),
+        "mask blocks": (x, w, None, torch.ones(4, 5), None, None),  # 6 rows, 4 blocks
+        "in_mask size": (x, w, None, None, torch.ones(9), None),
+        "stats dtype": (x, w, None, None, None, torch.zeros(5, dtype=torch.float64)),
+        "stats shape": (x, w, None, None, None, torch.zeros(4)),
+    }
+    for what, args in bad.items():
+        with pytest.raises(ValueError):
+            ops.masked_linear(*args, backend=backend)
+            pytest.fail(f"no ValueError for {what}")
+
+
+@pytest.mark.parametrize("backend", CHECKED_BACKENDS, indirect=True)
+def test_bad_ablate_arguments_raise(backend) -> None:
+    y = randn(3, 5)
+    with pytest.raises(ValueError):
+        ops.ablate_expand(y, torch.tensor([0.5]), backend=backend)
+    with pytest.raises(ValueError):
+        ops.ablate_expand(y, torch.tensor([1]), randn(3, 4), randn(4, 4), backend=backend)
+    # Out-of-range neurons raise IndexError, as torch indexing (the reference) does.
+    for neuron in (5, -6):
+        with pytest.raises(IndexError):
+            ops.ablate_expand(y, torch.tensor([neuron]), backend=backend)
+    with pytest.raises(ValueError):
+        ops.ablate_expand(y.double(), torch.tensor([1]), backend=backend)
+
+
+def test_cpp_raw_arguments_raise() -> None:
+    """_C itself refuses what would crash: null pointers, bad codes, sizes, strides, alpha."""
+    from canfast import _C
+
+    a = torch.randn(2, 3, 4)
+    out = torch.zeros(2, 3, 4)
+    p, o = a.data_ptr(), out.data_ptr()
+
+    def score(**change):
+        args = dict(
+            a=p,
+            g=p,
+            dtype=0,
+            B=2,
+            T=3,
+            C=4,
+            a_sb=12,
+            a_st=4,
+            g_sb=12,
+            g_st=4,
+            valid=0,
+            v_sb=0,
+            v_st=0,
+            out=o,
+            o_sb=12,
+            o_sk=4,
+            alpha=0.5,
+            threads=0,
+        )
+        args.update(change)
+        _C.score_accumulate(**args)
+
+    score()  # the unchanged call is fine
+    for change in (
+        {"a": 0},
+        {"out": 0},
+        {"dtype": 3},
+        {"dtype": -1},
+        {"B": -1},
+        {"a_st": -4},
+        {"o_sk": 2},  # rows of out would overlap
+        {"alpha": 1.5},
+        {"alpha": float("nan")},
+        {"threads": -2},
+        {"a": p + 1},  # misaligned float pointer
+    ):
+        with pytest.raises(ValueError):
+            score(**change)
+    with pytest.raises(ValueError):
+        _C.linear_epilogue(o, 0, 6, 4, 4, o, 4, 4, 0, 0)  # 6 rows, 4 mask blocks
+    with pytest.raises(ValueError):
+        _C.row_mask(p, o, 1, 3, 4, 4, 4, 0, 1, 4, 0)  # null mask
+    with pytest.raises(ValueError):
+        _C.ablate_expand(p, o, 0, 2, 4, 4, 1, 0, 0, 0, 0)  # neither unit
+    idx = torch.tensor([4])
+    with pytest.raises(ValueError):
+        _C.ablate_expand(p, o, 0, 2, 4, 4, 1, idx.data_ptr(), 0, 0, 0)  # neuron out of range
+    with pytest.raises(ValueError):
+        _C.set_isa("neon")

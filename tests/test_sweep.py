@@ -1,0 +1,453 @@
+"""Sweeps: the k*/k1 search on metrics known in closed form, schedules, the random baseline,
+the sweep.json form, and an end-to-end sweep of a tiny LLaVA checked against direct
+evaluation."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import tiny_models as tm
+import torch
+
+import canfast
+from canfast import BadInput, NeuronSet, SweepResult, masked
+from canfast.io import read_json, write_json
+from canfast.objective import evaluate
+from canfast.sweep.baseline import random_ordering
+from canfast.sweep.result import Curve
+from canfast.sweep.schedule import default_schedule, parse_schedule
+from canfast.sweep.search import trace
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PPL0 = 2.0
+GRID = [1, 2, 4, 8, 16, 32, 64, 128, 256]
+ORDERING = NeuronSet(tuple((f"language.{i % 3}.down", i) for i in range(300)))
+
+
+class Stub:
+    """An evaluator whose metric is a known function of k = len(set)."""
+
+    def __init__(self, metric, masks_per_pass: int) -> None:
+        self.metric = metric
+        self.masks_per_pass = masks_per_pass
+        self.seen: list[int] = []
+
+    def __call__(self, sets):
+        assert 1 <= len(sets) <= self.masks_per_pass
+        for s in sets:
+            # Always a prefix of the ordering: the cumulative top k.
+            assert s.neurons == ORDERING.neurons[: len(s)]
+        ks = [len(s) for s in sets]
+        self.seen += ks
+        return [self.metric(k) for k in ks]
+
+
+def exponential(rate: float):
+    """ppl = ppl0 * 10 ** (k / rate): log10 of the ratio is k / rate."""
+    return lambda k: PPL0 * 10 ** min(k / rate, 300.0)
+
+
+def first_k(metric, reached, limit=10_000):
+    return next((k for k in range(1, limit) if reached(metric(k) / PPL0)), None)
+
+
+@pytest.mark.parametrize("masks_per_pass", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize(
+    ("rate", "tau", "onset", "k1", "k_star"),
+    [
+        # log10(1.5) * 47.3 = 8.33 -> k1 = 9; 47.3 -> k* = 48.
+        (47.3, 1.0, 1.5, 9, 48),
+        (47.3, 0.5, 1.5, 9, 24),
+        (10.0, 2.0, 3.0, 5, 20),
+        # Collapse at the very first k.
+        (0.4, 1.0, 1.5, 1, 1),
+        # Never collapses over the grid: k1 is found, k* is not.
+        (700.0, 1.0, 1.5, 124, None),
+    ],
+)
+def test_trace_finds_exact_stages(masks_per_pass, rate, tau, onset, k1, k_star):
+    metric = exponential(rate)
+    assert first_k(metric, lambda r: r >= onset) == k1
+    if k_star is not None:
+        assert first_k(metric, lambda r: math.log10(r) >= tau) == k_star
+    stub = Stub(metric, masks_per_pass)
+    curve = trace(stub, ORDERING, GRID, PPL0, tau, onset)
+    assert (curve.k1, curve.k_star) == (k1, k_star)
+    # The curve holds every evaluated k once, sorted, with its metric.
+    assert curve.k == sorted(set(stub.seen))
+    assert curve.ppl == [metric(k) for k in curve.k]
+    # The stage boundaries are proven by evaluated neighbours.
+    for found in (k1, k_star):
+        if found is not None:
+            assert found in curve.k
+            assert found == 1 or found - 1 in curve.k
+    # Grid points are evaluated in passes of masks_per_pass, stopping after the pass that
+    # first collapses.
+    grid_hit = next((k for k in GRID if k_star is not None and k >= k_star), None)
+    if grid_hit is None:
+        evaluated_grid = GRID
+    else:
+        stop = (GRID.index(grid_hit) // masks_per_pass + 1) * masks_per_pass
+        evaluated_grid = GRID[:stop]
+    assert [k for k in curve.k if k in GRID] == evaluated_grid
+
+
+def test_trace_step_metric():
+    """A metric that jumps at k = 37: both stages there, whatever the pass width."""
+
+    def metric(k):
+        return PPL0 if k < 37 else PPL0 * 100
+
+    for masks_per_pass in (1, 3, 5):
+        curve = trace(Stub(metric, masks_per_pass), ORDERING, GRID, PPL0, 1.0, 1.5)
+        assert (curve.k1, curve.k_star) == (37, 37)
+        assert 36 in curve.k
+
+
+def test_trace_thresholds_are_inclusive():
+    """A ratio of exactly the onset, and a log10 ratio of exactly tau, reach their stage."""
+
+    def metric(k):
+        return PPL0 * (1.0 if k < 7 else 1.5 if k < 20 else 10.0)
+
+    curve = trace(Stub(metric, 2), ORDERING, GRID, PPL0, 1.0, 1.5)
+    assert (curve.k1, curve.k_star) == (7, 20)
+
+
+def test_trace_without_refinement():
+    curve = trace(Stub(exponential(47.3), 2), ORDERING, GRID, PPL0, 1.0, 1.5, refine=False)
+    assert (curve.k1, curve.k_star) == (16, 64)
+    assert all(k in GRID for k in curve.k)
+
+
+def test_curve_add_keeps_order():
+    curve = Curve()
+    for k, p in ((8, 3.0), (2, 1.0), (5, 2.0), (16, 4.0)):
+        curve.add(k, p)
+    assert curve.k == [2, 5, 8, 16] and curve.ppl == [1.0, 2.0, 3.0, 4.0]
+    assert curve.ratio(2.0) == [0.5, 1.0, 1.5, 2.0]
+
+
+def test_default_schedule():
+    assert default_schedule(0) == []
+    assert default_schedule(1) == [1]
+    assert default_schedule(10) == list(range(1, 11))
+    assert default_schedule(16) == list(range(1, 17))
+    expected = list(range(1, 17)) + [20, 25, 32, 40, 50, 63, 79, 99, 100]
+    assert default_schedule(100) == expected
+    big = default_schedule(4096 * 32)
+    assert big[-1] == 4096 * 32
+    assert all(b > a for a, b in zip(big, big[1:]))
+    assert all(b <= math.ceil(a * 1.25) for a, b in zip(big[15:], big[16:]))
+    assert len(big) < 80
+
+
+def test_parse_schedule():
+    assert parse_schedule("1,2,4,8", 100) == [1, 2, 4, 8]
+    assert parse_schedule(" 8, 2,2 ,4 ", 100) == [2, 4, 8]
+    assert parse_schedule("1:5", 100) == [1, 2, 3, 4, 5]
+    assert parse_schedule("1:10:3", 100) == [1, 4, 7, 10]
+    assert parse_schedule("0,1:3,50,200", 100) == [1, 2, 3, 50]
+
+
+@pytest.mark.parametrize("text", ["a,b", "1:x", "1::2", "1:10:0", "2.5", "", "0,-1", "500"])
+def test_parse_schedule_errors(text):
+    with pytest.raises(BadInput, match="schedule"):
+        parse_schedule(text, 100)
+
+
+def test_random_ordering():
+    pool = {"language.0.up": 7, "vision.1.down": 5, "projector.0.up": 3}
+    every = sorted((site, c) for site, n in pool.items() for c in range(n))
+    first = random_ordering(pool, 0)
+    assert sorted(first) == every
+    assert len(first) == len(every)
+    assert random_ordering(pool, 0) == first
+    others = [random_ordering(pool, seed) for seed in (1, 2, 3)]
+    for other in others:
+        assert sorted(other) == every
+        assert other != first
+    # Not just site after site: the sites mix within the first neurons.
+    assert len({site for site, _ in list(first)[:6]}) > 1
+
+
+def test_random_k_star_median():
+    def result(stars):
+        curves = [Curve(k_star=s) for s in stars]
+        return SweepResult("progressive", "ppl", 1.0, 1.5, 10, 2.0, Curve(), curves)
+
+    assert result([10, None, 30]).random_k_star == 30
+    assert result([10, 20]).random_k_star == 15.0
+    assert result([None, None, 5]).random_k_star is None
+    assert result([]).random_k_star is None
+
+
+def example_result() -> SweepResult:
+    curve = Curve([1, 2, 4, 5, 8], [2.5, 3.0, 5.0, 25.0, 40.0], k1=2, k_star=5)
+    random = [
+        Curve([1, 8], [2.1, 2.4], None, None, seed=0),
+        Curve([1, 8, 16], [2.0, 2.9, 30.0], 8, 16, seed=1),
+    ]
+    result = SweepResult(
+        "progressive",
+        "ppl",
+        1.0,
+        1.5,
+        16,
+        2.0,
+        curve,
+        random,
+        {"base_s": 0.5, "progressive_s": 1.25},
+        {"model": "tiny", "sites": ["language.0.up"], "n_samples": 3},
+    )
+    return result
+
+
+def test_sweep_json_fields():
+    data = example_result().to_json()
+    assert data["kind"] == "progressive"
+    assert data["criterion"]["metric"] == "ppl"
+    assert data["criterion"]["tau"] == 1.0
+    assert data["criterion"]["onset_ratio"] == 1.5
+    assert data["k"] == [1, 2, 4, 5, 8]
+    assert data["ppl"] == [2.5, 3.0, 5.0, 25.0, 40.0]
+    assert data["ratio"] == [1.25, 1.5, 2.5, 12.5, 20.0]
+    assert data["log10_ratio"] == pytest.approx([math.log10(r) for r in data["ratio"]])
+    assert (data["k_star"], data["k1"]) == (5, 2)
+    assert data["ppl0"] == 2.0 and data["n_neurons"] == 16
+    assert [s["seed"] for s in data["random"]["seeds"]] == [0, 1]
+    assert data["random"]["seeds"][1]["k_star"] == 16
+    assert data["random"]["seeds"][1]["ratio"] == [1.0, 1.45, 15.0]
+    # One seed never collapsed: it counts as beyond every k, so the median of two is unknown.
+    assert data["random"]["k_star_median"] is None
+    assert data["timings"] == {"base_s": 0.5, "progressive_s": 1.25}
+    assert data["model"] == "tiny" and data["sites"] == ["language.0.up"]
+    json.dumps(data, allow_nan=False)
+
+
+def test_sweep_json_round_trip(tmp_path):
+    result = example_result()
+    data = result.to_json()
+    again = SweepResult.from_json(json.loads(json.dumps(data)))
+    assert again.to_json() == data
+    for name in ("kind", "metric", "tau", "onset", "n_neurons", "ppl0", "timings", "info"):
+        assert getattr(again, name) == getattr(result, name), name
+    assert again.curve == result.curve
+    assert again.random == result.random
+    path = write_json(tmp_path / "sweep.json", data)
+    assert SweepResult.from_json(read_json(path)).to_json() == data
+
+
+# ----- end to end ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava_run():
+    """A tiny LLaVA trained to memorise three answers (perplexity near 1), its CAN scores, and
+    a sweep with the default collapse threshold."""
+    samples = tm.samples("llava", 3)
+    model = tm.fit(tm.wrap("llava"), samples)
+    scores = canfast.score(model, samples, targets="given", backend="torch", progress=False)
+    result = canfast.sweep(
+        model,
+        samples,
+        scores,
+        schedule=[1, 4, 16, 64, 160, 1000],
+        tau=1.0,
+        seeds=1,
+        targets="given",
+        batch_size=2,
+        masks_per_pass=3,
+        generations=1,
+        max_new_tokens=3,
+        backend="torch",
+        progress=False,
+    )
+    return model, samples, scores, result
+
+
+def masked_ppl(model, samples, neurons):
+    with masked(model, neurons, backend="torch"):
+        return evaluate(model, samples, batch_size=3)[0].ppl
+
+
+def check_stages(curve: Curve, ppl0: float, tau: float, onset: float) -> None:
+    """k* and k1 are the smallest evaluated k of their stage, proven by k - 1."""
+    ratio = dict(zip(curve.k, curve.ratio(ppl0)))
+    for found, reached in (
+        (curve.k_star, lambda r: math.log10(r) >= tau),
+        (curve.k1, lambda r: r >= onset),
+    ):
+        if found is None:
+            assert not any(reached(r) for r in ratio.values())
+            continue
+        assert reached(ratio[found])
+        assert found == 1 or not reached(ratio[found - 1])
+        assert not any(reached(r) for k, r in ratio.items() if k < found)
+
+
+def test_sweep_end_to_end(llava_run, tmp_path):
+    model, samples, scores, result = llava_run
+    order = scores.ranking()
+    n = sum(model.site(s).channels for s in scores.sites)
+    assert n == 336 and result.n_neurons == n
+    assert result.ppl0 == pytest.approx(evaluate(model, samples)[0].ppl, rel=1e-6)
+    # The schedule was clipped to the number of neurons.
+    assert max(result.curve.k) <= n
+    assert result.ppl0 < 3
+    # The model collapses, and both stages are consistent with the curve.
+    assert result.k_star is not None and result.k1 is not None
+    assert result.k1 <= result.k_star
+    check_stages(result.curve, result.ppl0, result.tau, result.onset)
+    # Each point of the curve is the perplexity with the top k masked, one mask at a time.
+    for k, ppl in zip(result.curve.k, result.curve.ppl):
+        assert ppl == pytest.approx(masked_ppl(model, samples, order[:k]), rel=1e-5), k
+    # The random baseline: the seeded ordering of the same sites.
+    assert len(result.random) == 1 and result.random[0].seed == 0
+    shuffled = random_ordering({s: model.site(s).channels for s in scores.sites}, 0)
+    base = result.random[0]
+    check_stages(base, result.ppl0, result.tau, result.onset)
+    for k, ppl in list(zip(base.k, base.ppl))[:3]:
+        assert ppl == pytest.approx(masked_ppl(model, samples, shuffled[:k]), rel=1e-5), k
+
+    data = result.to_json()
+    for key in ("kind", "criterion", "k", "ppl", "ratio", "k_star", "k1", "random", "timings"):
+        assert key in data, key
+    assert data["ratio"] == pytest.approx([p / result.ppl0 for p in data["ppl"]])
+    i = data["k"].index(data["k_star"])
+    assert data["log10_ratio"][i] >= data["criterion"]["tau"]
+    assert all(v < data["criterion"]["tau"] for v in data["log10_ratio"][:i])
+    assert {"base_s", "progressive_s", "random_s"} <= data["timings"].keys()
+    assert all(v >= 0 for v in data["timings"].values())
+    assert data["sites"] == scores.sites and data["n_samples"] == 3
+    path = write_json(tmp_path / "sweep.json", data)
+    assert SweepResult.from_json(read_json(path)).to_json() == data
+
+    stages = {(g["stage"], g["k"]) for g in result.generations}
+    assert stages == {("base", 0), ("onset", result.k1), ("collapse", result.k_star)}
+    assert all(g["sample"] == 0 for g in result.generations)
+    for record in result.generations:
+        neurons = order[: record["k"]]
+        expected = canfast.generate(model, samples[:1], neurons, max_new_tokens=3)[0]
+        assert record["answer"] == expected
+        assert record["target"] == samples[0].target
+
+
+def test_sweep_with_neuron_set_and_random_kind(llava_run):
+    model, samples, scores, result = llava_run
+    order = scores.ranking()
+    again = canfast.sweep(
+        model,
+        samples,
+        order,
+        schedule=[1, 4, 16],
+        tau=100.0,
+        seeds=0,
+        targets="given",
+        masks_per_pass=1,
+        generations=0,
+        backend="torch",
+        progress=False,
+    )
+    assert again.k_star is None and again.random == []
+    common = [k for k in again.curve.k if k in result.curve.k]
+    assert common
+    for k in common:
+        expected = result.curve.ppl[result.curve.k.index(k)]
+        assert again.curve.ppl[again.curve.k.index(k)] == pytest.approx(expected, rel=1e-5)
+    random_only = canfast.sweep(
+        model,
+        samples,
+        scores,
+        kind="random",
+        schedule=[1, 4],
+        seeds=2,
+        tau=100.0,
+        targets="given",
+        generations=0,
+        progress=False,
+    )
+    assert random_only.curve.k == [] and random_only.k_star is None
+    assert [c.seed for c in random_only.random] == [0, 1]
+    assert random_only.random[0].ppl != random_only.random[1].ppl
+    assert random_only.to_json()["kind"] == "random"
+
+
+def test_sweep_bad_input(llava_run, make_model):
+    model, samples, scores, _ = llava_run
+    common = {"targets": "given", "generations": 0, "progress": False}
+    with pytest.raises(BadInput, match="kind"):
+        canfast.sweep(model, samples, scores, kind="greedy", **common)
+    with pytest.raises(BadInput, match="metric"):
+        canfast.sweep(model, samples, scores, metric="acc", **common)
+    with pytest.raises(BadInput, match="tau"):
+        canfast.sweep(model, samples, scores, tau=0, **common)
+    with pytest.raises(BadInput, match="schedule"):
+        canfast.sweep(model, samples, scores, schedule=[0, 500], **common)
+    other = make_model("llava", seed=1)
+    with pytest.raises(BadInput, match="another model"):
+        canfast.sweep(other, samples, scores, **common)
+
+
+def test_evaluate_many_masks_per_pass(llava_run):
+    """The engine's shared forward passes give the same metric as one mask per pass."""
+    from canfast.sweep.engine import Evaluator
+
+    model, samples, scores, _ = llava_run
+    order = scores.ranking()
+    sets = [order[:k] for k in (1, 3, 9, 27, 81)]
+    wide = Evaluator(model, samples, batch_size=2, masks_per_pass=4, progress=False)
+    narrow = Evaluator(model, samples, batch_size=3, masks_per_pass=1, progress=False)
+    got, expected = wide(sets), narrow(sets)
+    assert wide.calls == narrow.calls == 5
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert len(set(got)) == 5
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+
+
+def test_gen_ppl_metric(llava_run):
+    """``gen-ppl``: the masked model answers, the unmasked model scores those answers."""
+    from canfast.sweep.engine import Evaluator
+
+    model, samples, scores, _ = llava_run
+    order = scores.ranking()
+    sets = [NeuronSet(()), order[:40]]
+    engine = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
+    assert engine.masks_per_pass == 1
+    got = engine(sets)
+    for neurons, value in zip(sets, got):
+        answers = canfast.generate(model, samples, neurons, max_new_tokens=3)
+        produced = [s.with_target(a) for s, a in zip(samples, answers)]
+        assert value == pytest.approx(evaluate(model, produced)[0].ppl, rel=1e-5)
+    assert got[0] != got[1]
+
+
+def test_sweep_of_mid_neurons(llava_run):
+    model, samples, _, _ = llava_run
+    scores = canfast.score(
+        model, samples, unit="mid", targets="given", backend="torch", progress=False
+    )
+    assert all(name.endswith(".mid") for name in scores.sites)
+    result = canfast.sweep(
+        model,
+        samples,
+        scores,
+        schedule=[2, 8, 32],
+        tau=100.0,
+        seeds=1,
+        targets="given",
+        masks_per_pass=2,
+        generations=0,
+        backend="torch",
+        progress=False,
+    )
+    assert result.n_neurons == sum(model.site(s).channels for s in scores.sites)
+    order = scores.ranking()
+    # The grid, plus what refining the onset added below it.
+    assert {2, 8, 32} <= set(result.curve.k)
+    for k, ppl in zip(result.curve.k, result.curve.ppl):
+        assert ppl == pytest.approx(masked_ppl(model, samples, order[:k]), rel=1e-5)
+    assert result.curve.ppl[-1] > result.ppl0

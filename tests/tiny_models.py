@@ -1,0 +1,455 @@
+"""Tiny models of every family canfast supports, built from configs with random weights.
+
+No downloads: the tokenizers are word-level over a small fixed vocabulary, the image processors
+are the PIL ones, and every model is a few layers of a few channels. Weights are drawn with a
+large standard deviation so that masking a neuron or following a gradient changes numbers well
+above rounding noise.
+
+Use :func:`build` (cached per family and seed; callers get a deep copy) or :func:`wrap` for a
+``canfast.Model``, and :func:`samples` for data that fits a family.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_TOKEN = "<image>"
+IMAGE_SIZE = 32
+PATCH_SIZE = 8
+NUM_PATCHES = (IMAGE_SIZE // PATCH_SIZE) ** 2
+NUM_QUERY_TOKENS = 4
+HIDDEN = 16
+FFN = 32
+LAYERS = 2
+WEIGHT_STD = 0.2
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "[MASK]", "[CLS]", "[SEP]", "[PAD]"]
+WORDS = (
+    "USER ASSISTANT : ? . , a an the is what color shape of it in on left right top bottom "
+    "red green blue yellow black white square circle triangle triangles star big small one two "
+    "three there and or yes no picture image shows describe"
+).split()
+
+# Families: the name used in test ids, and whether the model reads an image.
+VLM_FAMILIES = ("llava", "instructblip")
+TEXT_FAMILIES = ("llama", "qwen2", "gpt2", "opt", "gpt_neox", "bert", "t5")
+FAMILIES = VLM_FAMILIES + TEXT_FAMILIES
+CAUSAL_FAMILIES = ("llava", "instructblip", "llama", "qwen2", "gpt2", "opt", "gpt_neox")
+
+
+# ----- tokenizers ----------------------------------------------------------------------------
+
+
+def tokenizer(style: str = "llama", image_token: bool = False):
+    """A word-level fast tokenizer.
+
+    ``style``: ``llama`` (``<s>`` first, ``</s>`` ends answers), ``gpt2`` (no BOS), ``bert``
+    (``[CLS] A [SEP]``, a ``[MASK]`` token, token type ids) or ``t5`` (``A </s>``).
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate([*SPECIALS, *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    names = ["input_ids", "attention_mask"]
+    kwargs: dict = {}
+    if style == "llama":
+        backend.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+    elif style == "bert":
+        backend.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]",
+            pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        names = ["input_ids", "token_type_ids", "attention_mask"]
+        # Its own pad token, so that padding with another tokenizer's id shows.
+        kwargs = {"mask_token": "[MASK]", "cls_token": "[CLS]", "sep_token": "[SEP]"}
+        kwargs["pad_token"] = "[PAD]"
+    elif style == "t5":
+        backend.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", vocab["</s>"])]
+        )
+    elif style != "gpt2":
+        raise ValueError(style)
+    kwargs.setdefault("pad_token", "<pad>")
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="left",
+        clean_up_tokenization_spaces=False,
+        model_input_names=names,
+        model_max_length=512,
+        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token else None,
+        **kwargs,
+    )
+    if style in ("llama", "gpt2"):
+        tok.add_tokens(
+            [AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True
+        )
+    return tok
+
+
+# ----- weights -------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def roughen(model: torch.nn.Module, seed: int, std: float = WEIGHT_STD) -> torch.nn.Module:
+    """Redraw every matrix with ``std`` and every bias with ``std / 2``; norms keep their ones.
+
+    Matrices include embeddings and InstructBLIP's query tokens (which start at zero, and
+    identical queries would make gradients degenerate).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2 or name.endswith("query_tokens"):
+            param.copy_(torch.randn(param.shape, generator=generator) * std)
+        elif name.endswith("bias") and "norm" not in name.lower():
+            param.copy_(torch.randn(param.shape, generator=generator) * std / 2)
+    return model
+
+
+# ----- models --------------------------------------------------------------------------------
+
+
+def _llama_config(tok, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        **extra,
+    )
+
+
+def _llava():
+    from transformers import (
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    tok = tokenizer("llama", image_token=True)
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+        ),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            # Three layers with features from the second-to-last, as LLaVA-1.5: the last vision
+            # layer runs but the loss does not depend on it.
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+            projection_dim=HIDDEN,
+        ),
+        text_config=_llama_config(tok),
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=NUM_PATCHES,
+        projector_hidden_act="gelu",
+    )
+    return LlavaForConditionalGeneration(config), processor
+
+
+def _instructblip():
+    from transformers import (
+        InstructBlipConfig,
+        InstructBlipForConditionalGeneration,
+        InstructBlipProcessor,
+        InstructBlipQFormerConfig,
+        InstructBlipVisionConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = tokenizer("llama")
+    qtok = tokenizer("bert")
+    processor = InstructBlipProcessor(
+        image_processor=BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok,
+        qformer_tokenizer=qtok,
+        num_query_tokens=NUM_QUERY_TOKENS,
+    )
+    config = InstructBlipConfig(
+        vision_config=InstructBlipVisionConfig(
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            image_size=IMAGE_SIZE,
+            patch_size=PATCH_SIZE,
+        ),
+        qformer_config=InstructBlipQFormerConfig(
+            vocab_size=len(qtok),
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=FFN,
+            max_position_embeddings=64,
+            pad_token_id=qtok.pad_token_id,
+            cross_attention_frequency=1,
+            encoder_hidden_size=HIDDEN,
+        ),
+        text_config=_llama_config(tok),
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    config.image_token_id = config.image_token_index
+    return InstructBlipForConditionalGeneration(config), processor
+
+
+def _llama():
+    from transformers import LlamaForCausalLM
+
+    tok = tokenizer("llama")
+    return LlamaForCausalLM(_llama_config(tok)), tok
+
+
+def _qwen2():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tok = tokenizer("llama")
+    config = Qwen2Config(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return Qwen2ForCausalLM(config), tok
+
+
+def _gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tok = tokenizer("gpt2")
+    config = GPT2Config(
+        vocab_size=len(tok),
+        n_embd=HIDDEN,
+        n_inner=FFN,
+        n_layer=LAYERS,
+        n_head=2,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return GPT2LMHeadModel(config), tok
+
+
+def _opt():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    tok = tokenizer("llama")
+    config = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        ffn_dim=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    return OPTForCausalLM(config), tok
+
+
+def _gpt_neox():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = tokenizer("gpt2")
+    config = GPTNeoXConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    return GPTNeoXForCausalLM(config), tok
+
+
+def _bert():
+    from transformers import BertConfig, BertForMaskedLM
+
+    tok = tokenizer("bert")
+    config = BertConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        max_position_embeddings=128,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tok.pad_token_id,
+    )
+    return BertForMaskedLM(config), tok
+
+
+def _t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = tokenizer("t5")
+    config = T5Config(
+        vocab_size=len(tok),
+        d_model=HIDDEN,
+        d_kv=8,
+        d_ff=FFN,
+        num_layers=LAYERS,
+        num_decoder_layers=LAYERS,
+        num_heads=2,
+        dropout_rate=0.0,
+        feed_forward_proj="relu",
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return T5ForConditionalGeneration(config), tok
+
+
+BUILDERS = {
+    "llava": _llava,
+    "instructblip": _instructblip,
+    "llama": _llama,
+    "qwen2": _qwen2,
+    "gpt2": _gpt2,
+    "opt": _opt,
+    "gpt_neox": _gpt_neox,
+    "bert": _bert,
+    "t5": _t5,
+}
+
+
+@functools.cache
+def _built(family: str, seed: int):
+    torch.manual_seed(seed)
+    model, processor = BUILDERS[family]()
+    roughen(model, seed)
+    model.eval()
+    generation = getattr(model, "generation_config", None)
+    tok = getattr(processor, "tokenizer", processor)
+    if generation is not None:
+        generation.pad_token_id = tok.pad_token_id
+        generation.eos_token_id = tok.eos_token_id
+        generation.do_sample = False
+    return model, processor
+
+
+def build(family: str, seed: int = 0):
+    """A fresh ``(hf_model, processor)`` of ``family``: a deep copy of the cached build."""
+    model, processor = _built(family, seed)
+    return copy.deepcopy(model), processor
+
+
+def wrap(family: str, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A ``canfast.Model`` of ``family`` in ``dtype``."""
+    from canfast import Model
+
+    model, processor = build(family, seed)
+    return Model(model.to(dtype), processor, name=f"tiny-{family}")
+
+
+def fit(model, samples, steps: int = 40, lr: float = 3e-3):
+    """Train ``model`` (a ``canfast.Model``) in place to memorise ``samples``' targets, so that
+    its perplexity starts near 1 and masking the right neurons can make it collapse. Leaves no
+    gradients behind."""
+    from canfast.objective import mean_nll
+
+    batch = model.encode(samples)
+    optimizer = torch.optim.Adam(model.hf.parameters(), lr=lr)
+    for _ in range(steps):
+        loss = mean_nll(model.forward(batch), batch).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.hf.zero_grad(set_to_none=True)
+    return model
+
+
+# ----- data ----------------------------------------------------------------------------------
+
+
+def image(seed: int) -> Image.Image:
+    pixels = np.random.default_rng(seed).integers(0, 256, (IMAGE_SIZE, IMAGE_SIZE, 3))
+    return Image.fromarray(pixels.astype(np.uint8), "RGB")
+
+
+# Prompts and targets of different lengths, so that batches need padding.
+TEXT = [
+    ("what color is the square ?", "red"),
+    ("what shape is it ?", "a big blue circle on the left"),
+    ("describe the picture", "two small green triangles"),
+    ("is there a star in the image ?", "no"),
+]
+MASKED = [
+    ("the square is [MASK] .", "red"),
+    ("a [MASK] circle on the [MASK] .", "big left"),
+    ("two small [MASK] triangles in the [MASK] of the picture", "green top"),
+]
+
+
+def samples(family: str, n: int = 3):
+    """``n`` samples with targets that suit ``family``."""
+    from canfast import Sample
+
+    if family == "bert":
+        rows = MASKED
+    else:
+        rows = TEXT
+    rows = [rows[i % len(rows)] for i in range(n)]
+    with_image = family in VLM_FAMILIES
+    return [
+        Sample(image(i) if with_image else None, prompt, target)
+        for i, (prompt, target) in enumerate(rows)
+    ]
