@@ -132,22 +132,6 @@ static void score_group(const S* const* pa, const S* const* pg, int64_t n, float
   if (c < n) score_rows<S, MODE, NR, false>(pa, pg, c, int(n - c), s0, s1, s2, alpha);
 }
 
-// out[0:n] += sums[0:n], where sums may hold each block of 2W channels as evens then odds.
-static void add_sums(float* out, const float* sums, int64_t n, bool permuted, bool atomic) {
-  if (!permuted) return add_into(out, sums, n, atomic);
-  for (int64_t j = 0; j < n; ++j) {
-    const int64_t base = j / (2 * V::W) * (2 * V::W);
-    const int64_t k = j - base;
-    const float v = sums[base + ((k & 1) ? V::W + (k >> 1) : (k >> 1))];
-    if (atomic) {
-#pragma omp atomic
-      out[j] += v;
-    } else {
-      out[j] += v;
-    }
-  }
-}
-
 template <class S, int MODE>
 static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t ci, int64_t rb,
                        float* scratch) {
@@ -196,12 +180,11 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
   }
 
   const bool atomic = plan.n_rblocks > 1;
-  const bool permuted = V::pair_permuted(a);
   float* out = p.out + b * p.o_sb + c0;
   // With alpha = 0 the weighted sum is the |a| sum (|g|**0 = 1, also for g = 0, as in torch).
-  add_sums(out, MODE == kAlphaZero ? tot[1] : tot[0], n, permuted, atomic);
-  add_sums(out + p.o_sk, tot[1], n, permuted, atomic);
-  add_sums(out + 2 * p.o_sk, tot[2], n, permuted, atomic);
+  add_into(out, MODE == kAlphaZero ? tot[1] : tot[0], n, atomic);
+  add_into(out + p.o_sk, tot[1], n, atomic);
+  add_into(out + 2 * p.o_sk, tot[2], n, atomic);
 }
 
 template <class S, int MODE>
@@ -278,9 +261,10 @@ static void epilogue_typed(const EpilogueArgs& p) {
     const int64_t n = (p.N - c0) < plan.chunk ? (p.N - c0) : plan.chunk;
     const int64_t r_begin = (it % plan.n_rblocks) * plan.rows;
     const int64_t r_end = (r_begin + plan.rows) < p.R ? (r_begin + plan.rows) : p.R;
-    float* blk = p.scratch + omp_get_thread_num() * epilogue_scratch_per_thread(p.N);
-    float* tot = blk + plan.chunk;
-    float* st = p.stats ? blk : nullptr;
+    // Scratch exists only when there are statistics to sum.
+    float* st = p.stats ? p.scratch + omp_get_thread_num() * epilogue_scratch_per_thread(p.N) : nullptr;
+    float* blk = st;
+    float* tot = st ? st + padded_chunk(plan.chunk) : nullptr;
     if (st) zero_floats(tot, n);
     for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerFlush) {
       const int64_t r1 = (r0 + kRowsPerFlush) < r_end ? (r0 + kRowsPerFlush) : r_end;

@@ -8,12 +8,7 @@
 // Every type offers: W lanes, load / load_n / store / store_n for float, bf16 and f16 storage
 // (load converts to fp32, store rounds to nearest even), arithmetic, abs, sqrt, and pow_pos(x, a)
 // = x**a for x >= 0 (the general-alpha path of the score).
-//
-// load_pair(p, lo, hi) reads 2W channels at once for the reductions, whose accumulators are
-// private and so may keep channels in any order. For bf16 the SIMD types return the even
-// channels in `lo` and the odd ones in `hi`: one 64-byte load and two integer ops (x << 16,
-// x & 0xffff0000) widen 32 bf16 values, where the in-order widening costs two loads and two
-// cross-lane shuffles; pair_permuted(p) tells the caller to undo that order at the end.
+// load_pair / load_pair_n read 2W channels as two vectors, the unroll step of the reductions.
 
 // -------------------------------------------------------------------------------------------
 // Portable fallback: one lane, the compiler may still auto-vectorize the loops around it.
@@ -49,10 +44,6 @@ struct VecScalar {
   static void load_pair_n(const S* p, int, reg& lo, reg& hi) {
     lo = to_float(p[0]);  // n < 2W = 2 means one channel
     hi = 0.0f;
-  }
-  template <class S>
-  static constexpr bool pair_permuted(const S*) {
-    return false;
   }
   static reg add(reg a, reg b) { return a + b; }
   static reg sub(reg a, reg b) { return a - b; }
@@ -174,22 +165,11 @@ struct VecAVX2 {
     lo = load(p);
     hi = load(p + W);
   }
-  static void load_pair(const bf16* p, reg& lo, reg& hi) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    lo = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-    hi = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(int(0xffff0000u))));
-  }
   template <class S>
   static void load_pair_n(const S* p, int n, reg& lo, reg& hi) {
-    S tmp[2 * W];
-    for (int i = 0; i < 2 * W; ++i) tmp[i] = i < n ? p[i] : S{};
-    load_pair(tmp, lo, hi);
+    lo = n >= W ? load(p) : load_n(p, n);
+    hi = n > W ? load_n(p + W, n - W) : zero();
   }
-  template <class S>
-  static constexpr bool pair_permuted(const S*) {
-    return false;
-  }
-  static constexpr bool pair_permuted(const bf16*) { return true; }
 
   static reg add(reg a, reg b) { return _mm256_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm256_sub_ps(a, b); }
@@ -287,20 +267,6 @@ struct VecAVX512 {
     lo = n >= W ? load(p) : load_n(p, n);
     hi = n > W ? load_n(p + W, n - W) : zero();
   }
-  static void split_bf16(__m512i x, reg& lo, reg& hi) {
-    lo = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
-    hi = _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32(int(0xffff0000u))));
-  }
-  static void load_pair(const bf16* p, reg& lo, reg& hi) { split_bf16(_mm512_loadu_si512(p), lo, hi); }
-  static void load_pair_n(const bf16* p, int n, reg& lo, reg& hi) {
-    const __mmask32 m = static_cast<__mmask32>((uint64_t(1) << n) - 1u);
-    split_bf16(_mm512_maskz_loadu_epi16(m, p), lo, hi);
-  }
-  template <class S>
-  static constexpr bool pair_permuted(const S*) {
-    return false;
-  }
-  static constexpr bool pair_permuted(const bf16*) { return true; }
 
   static reg add(reg a, reg b) { return _mm512_add_ps(a, b); }
   static reg sub(reg a, reg b) { return _mm512_sub_ps(a, b); }

@@ -85,6 +85,21 @@ def assert_close(actual: Tensor, expected: Tensor, tol: float, what: str) -> Non
     assert err <= tol, f"{what}: relative error {err:.3g} > {tol:.0e}"
 
 
+def assert_increment(after: Tensor, before: Tensor, want: Tensor, tol: float, what: str) -> None:
+    """``after - before`` matches ``want`` for an fp32 accumulator pre-filled with ``before``.
+
+    Adding into fp32 rounds at the scale of the accumulator, not of the increment, so the bound
+    is ``tol`` relative to the increment plus one fp32 rounding of the largest value involved.
+    """
+    assert after.shape == want.shape, f"{what}: shape {after.shape} != {want.shape}"
+    after64, before64 = after.double(), before.double()
+    assert torch.isfinite(after64).all(), f"{what}: not finite"
+    err = (after64 - before64 - want).abs().max().item()
+    scale = want.abs().max().item()
+    rounding = 2.0**-23 * max(before64.abs().max().item(), after64.abs().max().item())
+    assert err <= tol * scale + rounding, f"{what}: error {err:.3g}, increment scale {scale:.3g}"
+
+
 def randn(*shape: int, dtype: torch.dtype = torch.float32, scale: float = 1.0) -> Tensor:
     return (torch.randn(*shape, dtype=torch.float64) * scale).to(dtype)
 
@@ -122,7 +137,7 @@ SCORE_SHAPES = [
 TRITON_SCORE_SHAPES = [(1, 1, 1), (3, 17, 33)]
 
 
-@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.3, 0.77])
+@pytest.mark.parametrize("alpha", [0.0, 0.5, 1.0, 0.37])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize(
     ("backend", "shape"), _cases(BACKENDS, SCORE_SHAPES, TRITON_SCORE_SHAPES), indirect=["backend"]
@@ -143,7 +158,7 @@ def test_score_accumulate(backend, shape, dtype, alpha, with_valid) -> None:
     out = before.clone()
     returned = ops.score_accumulate(a, g, alpha, out, valid, backend=backend)
     assert returned is out
-    assert_close(out.double() - before.double(), score_truth(a, g, alpha, valid), SUM_TOL, "sums")
+    assert_increment(out, before, score_truth(a, g, alpha, valid), SUM_TOL, "sums")
 
 
 @pytest.mark.parametrize("alpha", [1e-3, 0.3, 0.5, 0.77, 0.999])
@@ -257,7 +272,7 @@ def test_masked_linear(backend, shape, dtype, masks, with_bias) -> None:
         off = block_rows(om, x.shape[:-1].numel()).reshape(want.shape) == 0
         assert y[off].eq(0).all(), "masked output channels must be exactly zero"
     sums = want.abs().reshape(-1, n).sum(dim=0)
-    assert_close(stats.double() - before.double(), sums, TOL[dtype], "stats")
+    assert_increment(stats, before, sums, TOL[dtype], "stats")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -311,7 +326,7 @@ def test_masked_linear_score_sink(backend, dtype, alpha) -> None:
     grad_y = randn(*y.shape, dtype=dtype, scale=1e-2)
     y.backward(grad_y)
     want = score_truth(y.detach(), grad_y, alpha, valid)
-    assert_close(sink.out.double() - before.double(), want, SUM_TOL, "sink sums")
+    assert_increment(sink.out, before, want, SUM_TOL, "sink sums")
     want_dx = ((grad_y.double() * om.double()) @ w.double()).reshape(x.shape)
     assert_close(x.grad, want_dx, TOL[dtype], "dx with sink")
 

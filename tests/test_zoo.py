@@ -23,8 +23,10 @@ from canfast.zoo import (
     weights_path,
 )
 from canfast.zoo.build import NUM_QUERY_TOKENS, PATCH_SIZE, build
-from canfast.zoo.inputs import PromptCache, collate, teacher_forced_exact
+from canfast.zoo.inputs import LAYOUTS, PromptCache, collate, teacher_forced_exact
 from canfast.zoo.scenes import (
+    BACKGROUND,
+    COLOURS,
     IMAGE_SIZE,
     KINDS,
     SPLITS,
@@ -67,8 +69,9 @@ def test_scenes_are_varied_and_well_formed():
         assert image.size == (IMAGE_SIZE, IMAGE_SIZE) and image.mode == "RGB"
         assert len({shape.kind for shape in scene.shapes}) == len(scene.shapes)
         assert len({shape.position for shape in scene.shapes}) == len(scene.shapes)
-        # Every shape leaves its colour on the picture.
-        assert len(set(image.getdata())) > len(scene.shapes)
+        # The picture shows the background and the shapes' colours, nothing else.
+        wanted = {BACKGROUND} | {COLOURS[shape.colour] for shape in scene.shapes}
+        assert {colour for _, colour in image.getcolors()} == wanted
         for qa in [scene.caption_qa(), *scene.questions(random.Random(0))]:
             assert set(qa.prompt.split()) <= set(vocabulary())
             assert set(qa.answer.split()) <= set(vocabulary())
@@ -158,7 +161,8 @@ def test_tokenizer_and_processor_round_trip(name, tmp_path):
     assert (reencoded["pixel_values"][0] == encoding["pixel_values"][0]).all()
 
 
-def test_teacher_forced_batch_layout():
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_teacher_forced_batch_layout(layout):
     _, processor = build("tiny-instructblip")
     cache = PromptCache(processor, "instructblip", make_scene(0).render())
     short, long = (
@@ -166,17 +170,29 @@ def test_teacher_forced_batch_layout():
         cache.encode("describe the image .", "a small red circle at the top left"),
     )
     pixels = torch.zeros(2, 3, IMAGE_SIZE, IMAGE_SIZE)
-    batch = collate([short, long], pixels, 0, 0, num_query_tokens=NUM_QUERY_TOKENS)
+    batch = collate(
+        [short, long], pixels, 0, 0, NUM_QUERY_TOKENS, layout=layout, qformer_side="right"
+    )
+    ids, attention, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    # Each row holds exactly its prompt and target, in order, wherever the padding goes.
+    for row, encoded in enumerate((short, long)):
+        kept = ids[row][attention[row].bool()].tolist()
+        assert kept == encoded.prompt_ids + encoded.target_ids
+        assert labels[row][labels[row] != -100].tolist() == encoded.target_ids
     image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
-    # Query placeholders stay first; padding goes between them and the text, as the processor does.
-    assert (batch["input_ids"][:, :NUM_QUERY_TOKENS] == image_id).all()
-    assert batch["attention_mask"][0, NUM_QUERY_TOKENS] == 0
-    assert (batch["labels"] != -100).sum(1).tolist() == [2, 9]
-    logits = torch.full((*batch["labels"].shape, 50), -1.0)
-    logits[:, :-1].scatter_(-1, batch["labels"][:, 1:].clamp(min=0)[..., None], 1.0)
-    assert teacher_forced_exact(logits, batch["labels"]).all()
-    logits[1, -2] = 0
-    assert teacher_forced_exact(logits, batch["labels"]).tolist() == [True, False]
+    if layout == "middle":
+        # As the processor pads: query placeholders first, padding between them and the text.
+        assert (ids[:, :NUM_QUERY_TOKENS] == image_id).all()
+        assert attention[0, NUM_QUERY_TOKENS] == 0
+    # The Q-Former's text is padded on the right here: the caption prompt is the shorter one.
+    assert batch["qformer_attention_mask"][:, 0].tolist() == [1, 1]
+    assert batch["qformer_attention_mask"][:, -1].tolist() == [1, 0]
+    logits = torch.full((*labels.shape, 50), -1.0)
+    logits[:, :-1].scatter_(-1, labels[:, 1:].clamp(min=0)[..., None], 1.0)
+    assert teacher_forced_exact(logits, labels).all()
+    last = (labels[1] != -100).nonzero().max()
+    logits[1, last - 1] = 0
+    assert teacher_forced_exact(logits, labels).tolist() == [True, False]
 
 
 def test_shipped_weights_are_small():

@@ -227,12 +227,13 @@ def _forward(
     rows = x.shape[:-1].numel()
     x2 = x.reshape(rows, n_in)
     if in_mask is not None:
-        # The input mask goes on x, in one C++ pass into a scratch copy, rather than on the
-        # weight's columns: a batch of masks cannot be folded into one weight, a masked weight
-        # would be an [N, K] copy per call (and kept alive for the backward, per layer), and at
-        # the row counts of scoring (R <= N) the [R, K] pass is the cheaper of the two anyway.
-        # Both are O(1/N) of the matmul. Masking multiplies, so a masked channel is exactly
-        # zero before the product: no cancellation against huge activations.
+        # The input mask goes on x, in one C++ pass into a scratch copy, not on the weight's
+        # columns: a batch of masks cannot be folded into one weight; a masked weight would be
+        # an [N, K] copy per call, kept alive until the backward (for every layer at once);
+        # and at scoring's row counts (a few thousand tokens) an [R, K] pass costs about what
+        # an [N, K] one would: either is 1/N of the matmul's work. Multiplying, rather than
+        # subtracting the masked columns' share from an unmasked product, keeps a masked
+        # channel exactly out of the sum, even when its activation dwarfs the others.
         x2 = _apply_row_mask(_rows(x2), in_mask, torch.empty(rows, n_in, dtype=x.dtype))
     # The bias goes into the BLAS call (addmm, as nn.functional.linear does): it is added in
     # fp32 before the one rounding to x's dtype, where a separate pass would round twice.

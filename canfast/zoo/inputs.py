@@ -65,7 +65,8 @@ class PromptCache:
         self._prompts: dict[str, tuple[list[int], list[int] | None]] = {}
         self._targets: dict[str, list[int]] = {}
 
-    def encode(self, prompt: str, target: str) -> Encoded:
+    def prompt(self, prompt: str) -> tuple[list[int], list[int] | None]:
+        """The language model's ids of the formatted prompt, and the Q-Former's (or None)."""
         if prompt not in self._prompts:
             text = format_prompt(self.family, prompt)
             encoding = self.processor(images=[self.image], text=[text])
@@ -74,11 +75,20 @@ class PromptCache:
                 list(encoding["input_ids"][0]),
                 list(qformer[0]) if qformer is not None else None,
             )
+        return self._prompts[prompt]
+
+    def encode(self, prompt: str, target: str) -> Encoded:
         if target not in self._targets:
             ids = self.processor.tokenizer(target, add_special_tokens=False)["input_ids"]
             self._targets[target] = [*ids, self.eos]
-        prompt_ids, qformer_ids = self._prompts[prompt]
+        prompt_ids, qformer_ids = self.prompt(prompt)
         return Encoded(prompt_ids, self._targets[target], qformer_ids)
+
+
+# Where padding goes. "middle" is the Hugging Face processor's way for InstructBLIP (after
+# the query placeholders), "left" and "right" pad whole rows (canfast pads prompts on the left
+# for generation, prompt + target on the right for scoring).
+LAYOUTS = ("left", "middle", "right")
 
 
 def collate(
@@ -87,14 +97,18 @@ def collate(
     pad_id: int,
     qformer_pad_id: int,
     num_query_tokens: int = 0,
+    layout: str = "middle",
+    qformer_side: str = "left",
 ) -> dict[str, torch.Tensor]:
-    """A teacher-forced batch, padded on the left as the processor pads.
+    """A teacher-forced batch: ids, attention masks, labels on the target tokens and EOS.
 
-    For InstructBLIP the processor keeps the query placeholders first and pads the text after
-    them, so the padding sits between the ``num_query_tokens`` placeholders and ``<s>``.
+    ``layout`` (one of :data:`LAYOUTS`) places the language model's padding, ``qformer_side``
+    the Q-Former's. Training on every layout makes the models indifferent to who batches them.
     """
     import torch
 
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     sequences = [e.prompt_ids + e.target_ids for e in encoded]
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
@@ -102,12 +116,18 @@ def collate(
     labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
     for row, (e, sequence) in enumerate(zip(encoded, sequences, strict=True)):
         pad = length - len(sequence)
-        head, tail = sequence[:num_query_tokens], sequence[num_query_tokens:]
-        input_ids[row, : len(head)] = torch.tensor(head, dtype=torch.long)
-        input_ids[row, len(head) + pad :] = torch.tensor(tail, dtype=torch.long)
-        attention[row, : len(head)] = 1
-        attention[row, len(head) + pad :] = 1
-        labels[row, length - len(e.target_ids) :] = torch.tensor(e.target_ids, dtype=torch.long)
+        if layout == "left":
+            placed = [(pad, sequence)]
+        elif layout == "right":
+            placed = [(0, sequence)]
+        else:
+            head = num_query_tokens
+            placed = [(0, sequence[:head]), (head + pad, sequence[head:])]
+        for start, part in placed:
+            input_ids[row, start : start + len(part)] = torch.tensor(part, dtype=torch.long)
+            attention[row, start : start + len(part)] = 1
+        end = placed[-1][0] + len(placed[-1][1])
+        labels[row, end - len(e.target_ids) : end] = torch.tensor(e.target_ids, dtype=torch.long)
     batch = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
     batch["pixel_values"] = pixel_values
     if encoded[0].qformer_ids is not None:
@@ -115,8 +135,9 @@ def collate(
         qformer = torch.full((len(encoded), width), qformer_pad_id, dtype=torch.long)
         qmask = torch.zeros((len(encoded), width), dtype=torch.long)
         for row, e in enumerate(encoded):
-            qformer[row, width - len(e.qformer_ids) :] = torch.tensor(e.qformer_ids)
-            qmask[row, width - len(e.qformer_ids) :] = 1
+            start = width - len(e.qformer_ids) if qformer_side == "left" else 0
+            qformer[row, start : start + len(e.qformer_ids)] = torch.tensor(e.qformer_ids)
+            qmask[row, start : start + len(e.qformer_ids)] = 1
         batch["qformer_input_ids"] = qformer
         batch["qformer_attention_mask"] = qmask
     return batch

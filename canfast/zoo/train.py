@@ -27,12 +27,21 @@ from canfast.zoo import BUILTIN_MODELS, WEIGHTS_DIR, evaluate, evaluation_sample
 from canfast.zoo.build import SEED, build
 from canfast.zoo.inputs import (
     IGNORE_INDEX,
+    LAYOUTS,
     PromptCache,
     collate,
     family_of,
     teacher_forced_exact,
 )
-from canfast.zoo.scenes import COLOURS, KINDS, POSITIONS, QUESTION_TYPES, SIZES, scenes
+from canfast.zoo.scenes import (
+    CAPTION_PROMPT,
+    COLOURS,
+    KINDS,
+    POSITIONS,
+    QUESTION_TYPES,
+    SIZES,
+    scenes,
+)
 
 # Steps, batch, learning rate: enough for >= 95% held-out exact match in about 8 CPU minutes.
 DEFAULT_STEPS = {"tiny-llava": 1500, "tiny-instructblip": 1500}
@@ -44,7 +53,8 @@ VALIDATION_SCENES = 192
 EVALUATION_SCENES = 400
 # Captions are the long, hard targets: give them a large share of every batch.
 CAPTION_SHARE = 0.4
-VISION_STEPS = 400
+# Stage 1 steps: the Q-Former takes longer to learn than a bare vision tower.
+VISION_STEPS = {"tiny-llava": 400, "tiny-instructblip": 800}
 VISION_BATCH = 64
 VISION_LEARNING_RATE = 1e-3
 
@@ -95,17 +105,24 @@ class TrainingData:
                 )
         return labels
 
-    def batch(self, rng: random.Random, size: int, collate_args: dict) -> dict:
+    def batch(self, rng: random.Random, size: int, collate_args: dict) -> tuple[dict, int]:
+        """A random batch, its first rows captions; and how many captions it holds."""
         captions = round(size * CAPTION_SHARE)
         picked = rng.sample(self.captions, captions) + rng.sample(self.questions, size - captions)
         encoded = [self.cache.encode(qa.prompt, qa.answer) for _, qa in picked]
         pixels = self.pixel_values[[i for i, _ in picked]]
-        return collate(encoded, pixels, **collate_args)
+        layout = rng.choice(LAYOUTS)
+        side = rng.choice(("left", "right"))
+        batch = collate(encoded, pixels, **collate_args, layout=layout, qformer_side=side)
+        return batch, captions
 
 
-def _validation_batches(processor, family: str, collate_args: dict) -> list[tuple[str, dict]]:
+def _validation_batches(
+    processor, family: str, collate_args: dict, count: int
+) -> list[tuple[str, dict]]:
+    """Teacher-forced batches of ``count`` validation captions and as many questions."""
     batches = []
-    samples = list(scenes("validation", VALIDATION_SCENES))
+    samples = list(scenes("validation", count))
     images = [scene.render() for scene in samples]
     pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
     cache = PromptCache(processor, family, images[0])
@@ -114,16 +131,20 @@ def _validation_batches(processor, family: str, collate_args: dict) -> list[tupl
     for index, scene in enumerate(samples):
         qa = scene.question(QUESTION_TYPES[index % len(QUESTION_TYPES)], random.Random(scene.seed))
         questions.append(cache.encode(qa.prompt, qa.answer))
-    for group, encoded in (("captions", captions), ("answers", questions)):
-        for start in range(0, len(encoded), 96):
-            part = encoded[start : start + 96]
-            batches.append(
-                (group, collate(part, pixels[start : start + len(part)], **collate_args))
-            )
+    # As the Hugging Face processor pads, and as canfast pads for scoring.
+    layouts = {"": ("middle", "left"), "_right_padded": ("right", "right")}
+    for suffix, (layout, side) in layouts.items():
+        for group, encoded in (("captions", captions), ("answers", questions)):
+            for start in range(0, len(encoded), 96):
+                part = encoded[start : start + 96]
+                pixel_part = pixels[start : start + len(part)]
+                batch = collate(part, pixel_part, **collate_args, layout=layout, qformer_side=side)
+                batches.append((group + suffix, batch))
     return batches
 
 
 def _validate(model, batches: list[tuple[str, dict]]) -> dict[str, float]:
+    """Teacher-forced exact match per group: the greedy answer would be the target."""
     import torch
 
     right: dict[str, int] = {}
@@ -139,56 +160,75 @@ def _validate(model, batches: list[tuple[str, dict]]) -> dict[str, float]:
     return {group: right[group] / total[group] for group in total}
 
 
-def _patch_features(model, family: str, pixel_values):
-    """The vision tower's patch features as the rest of the model reads them, CLS dropped."""
-    if family == "llava":
-        tower = model.model.vision_tower
-        layer = model.config.vision_feature_layer
-        hidden = tower(pixel_values=pixel_values, output_hidden_states=True).hidden_states[layer]
-    else:
-        hidden = model.vision_model(pixel_values=pixel_values).last_hidden_state
-    return hidden[:, 1:]
+def _quadrant_means(patches, width: int):
+    """(batch, patches, width) -> (batch, 4, width): the mean patch feature of each quadrant."""
+    import torch
+
+    side = round(patches.shape[1] ** 0.5)
+    grid = patches.reshape(len(patches), side, side, width)
+    top, left = slice(None, side // 2), slice(None, side // 2)
+    bottom, right = slice(side // 2, None), slice(side // 2, None)
+    corners = ((top, left), (top, right), (bottom, left), (bottom, right))
+    return torch.stack([grid[:, rows, cols].mean((1, 2)) for rows, cols in corners], dim=1)
 
 
 def _pretrain_vision(model, family: str, data: TrainingData, steps: int) -> list[dict]:
-    """Stage 1: the vision tower with linear probes on each quadrant's mean patch feature."""
+    """Stage 1: the image side learns what is in each quadrant, through linear probes.
+
+    The probes read each quadrant's mean patch feature (for both models) and, for
+    InstructBLIP, all query outputs of the Q-Former together: BLIP-2 also pre-trains its
+    Q-Former before connecting it to a language model, whose gradient alone barely reaches it
+    (its cross-attention starts out averaging every patch alike).
+    """
     import torch
 
     labels = data.quadrant_labels()
+    classes = (len(KINDS) + 1, len(COLOURS) + 1, len(SIZES) + 1)
     width = model.config.vision_config.hidden_size
-    side = int(round((_patch_features(model, family, data.pixel_values[:1]).shape[1]) ** 0.5))
-    probes = torch.nn.ModuleList(
-        torch.nn.Linear(width, n + 1) for n in (len(KINDS), len(COLOURS), len(SIZES))
-    )
-    tower = model.model.vision_tower if family == "llava" else model.vision_model
-    optimizer = torch.optim.AdamW(
-        [*tower.parameters(), *probes.parameters()], lr=VISION_LEARNING_RATE, weight_decay=0.01
-    )
+    patch_probes = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in classes)
+    trained = [*patch_probes.parameters()]
+    if family == "llava":
+        trained += model.model.vision_tower.parameters()
+    else:
+        queries, query_width = (
+            model.config.num_query_tokens,
+            model.config.qformer_config.hidden_size,
+        )
+        query_probe = torch.nn.Linear(queries * query_width, len(POSITIONS) * sum(classes))
+        trained += [*query_probe.parameters(), *model.vision_model.parameters()]
+        trained += [*model.qformer.parameters(), model.query_tokens]
+        qformer_ids = torch.tensor([data.cache.prompt(CAPTION_PROMPT)[1]])
+    optimizer = torch.optim.AdamW(trained, lr=VISION_LEARNING_RATE, weight_decay=0.01)
     rng = torch.Generator().manual_seed(SEED)
     history = []
     for step in range(steps):
         rows = torch.randint(0, len(labels), (VISION_BATCH,), generator=rng)
-        patches = _patch_features(model, family, data.pixel_values[rows])
-        grid = patches.reshape(len(rows), side, side, width)
-        half = side // 2
-        quadrants = torch.stack(
-            [
-                grid[:, :half, :half].mean((1, 2)),
-                grid[:, :half, half:].mean((1, 2)),
-                grid[:, half:, :half].mean((1, 2)),
-                grid[:, half:, half:].mean((1, 2)),
-            ],
-            dim=1,
-        )
+        wanted = labels[rows]
+        pixels = data.pixel_values[rows]
+        if family == "llava":
+            layer = model.config.vision_feature_layer
+            hidden = model.model.vision_tower(pixel_values=pixels, output_hidden_states=True)
+            patches = hidden.hidden_states[layer][:, 1:]
+            predicted = []
+        else:
+            features = model.get_image_features(
+                pixels, qformer_input_ids=qformer_ids.expand(len(rows), -1), return_dict=True
+            )
+            patches = features.last_hidden_state[:, 1:]
+            query_out = features.qformer_outputs[0][:, :queries].flatten(1)
+            logits = query_probe(query_out).view(len(rows), len(POSITIONS), sum(classes))
+            predicted = list(logits.split(classes, dim=-1))
+        quadrants = _quadrant_means(patches, width)
+        predicted = [*(probe(quadrants) for probe in patch_probes), *predicted]
         loss = sum(
             torch.nn.functional.cross_entropy(
-                probe(quadrants).flatten(0, 1), labels[rows][..., k].flatten()
+                logits.flatten(0, 1), wanted[..., k % len(classes)].flatten()
             )
-            for k, probe in enumerate(probes)
+            for k, logits in enumerate(predicted)
         )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(tower.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(trained, 1.0)
         optimizer.step()
         if (step + 1) % 100 == 0 or step + 1 == steps:
             history.append({"vision_step": step + 1, "loss": round(loss.item(), 4)})
@@ -196,21 +236,23 @@ def _pretrain_vision(model, family: str, data: TrainingData, steps: int) -> list
     return history
 
 
-def _sample_mean_nll(logits, labels):
-    """Mean over samples of each sample's mean NLL over its target tokens and ``</s>``.
+def _balanced_loss(logits, labels, captions: int):
+    """Mean target-token NLL of the captions plus that of the answers, halved.
 
-    Averaging per sample, not per token, keeps a one-word answer as weighty as a long caption;
-    it is also the per-sample loss canfast scores neurons with.
+    A caption has a dozen tokens and an answer one or two: averaged over all tokens, captions
+    would take most of the gradient, and answers needing more than what captions teach (is there
+    a circle? where is it?) would be learned late.
     """
     import torch
 
     wanted = labels[:, 1:]
-    counted = wanted != IGNORE_INDEX
+    counted = (wanted != IGNORE_INDEX).float()
     nll = torch.nn.functional.cross_entropy(
-        logits[:, :-1].transpose(1, 2).float(), wanted.clamp(min=0), reduction="none"
-    )
-    per_sample = (nll * counted).sum(1) / counted.sum(1)
-    return per_sample.mean()
+        logits[:, :-1].flatten(0, 1).float(), wanted.clamp(min=0).flatten(), reduction="none"
+    ).view_as(counted)
+    groups = [slice(None, captions), slice(captions, None)]
+    means = [(nll[g] * counted[g]).sum() / counted[g].sum() for g in groups if counted[g].sum()]
+    return sum(means) / len(means)
 
 
 def _learning_rate(step: int, steps: int) -> float:
@@ -247,8 +289,12 @@ def train(
     parameters = sum(p.numel() for p in model.parameters())
     _log(f"{name}: {parameters:,} parameters, {steps} steps of {BATCH_SIZE}")
 
-    data = TrainingData(processor, family, TRAIN_SCENES if steps > 10 else 64)
-    validation = _validation_batches(processor, family, collate_args)
+    # A smoke run (a few steps) needs only a taste of the data.
+    smoke = steps <= 10
+    data = TrainingData(processor, family, 64 if smoke else TRAIN_SCENES)
+    validation = _validation_batches(
+        processor, family, collate_args, 16 if smoke else VALIDATION_SCENES
+    )
     decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     optimizer = torch.optim.AdamW(
@@ -257,14 +303,14 @@ def train(
         betas=(0.9, 0.98),
     )
     model.train()
-    history = _pretrain_vision(model, family, data, min(VISION_STEPS, steps))
+    history = _pretrain_vision(model, family, data, min(VISION_STEPS[name], steps))
     rng = random.Random(SEED)
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = _learning_rate(step, steps)
-        batch = data.batch(rng, BATCH_SIZE, collate_args)
+        batch, captions = data.batch(rng, BATCH_SIZE, collate_args)
         labels = batch.pop("labels")
-        loss = _sample_mean_nll(model(**batch).logits, labels)
+        loss = _balanced_loss(model(**batch).logits, labels, captions)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
