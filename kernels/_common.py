@@ -46,6 +46,18 @@ def check_tensors(op: str, *tensors: Tensor | None) -> torch.device:
     return device
 
 
+def check_dtypes(op: str, *tensors: Tensor | None) -> torch.dtype:
+    """Raise unless the given tensors share one dtype the kernels compute in; return it."""
+    present = [t for t in tensors if t is not None]
+    dtype = present[0].dtype
+    if dtype not in _TL_DTYPES:
+        raise ValueError(f"{op}: unsupported dtype {dtype}; use float32, bfloat16 or float16")
+    for t in present[1:]:
+        if t.dtype != dtype:
+            raise ValueError(f"{op}: mixed dtypes {dtype} and {t.dtype}")
+    return dtype
+
+
 def multiprocessor_count(device: torch.device) -> int:
     """Streaming multiprocessors on ``device``; a small stand-in under the interpreter."""
     if device.type == "cuda":

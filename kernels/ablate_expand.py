@@ -15,7 +15,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_GRID_AXIS, check_tensors, configs, multiprocessor_count, size_bucket
+from ._common import (
+    MAX_GRID_AXIS,
+    check_dtypes,
+    check_tensors,
+    configs,
+    multiprocessor_count,
+    size_bucket,
+)
 
 # Enough programs to keep every multiprocessor busy when y has few tiles (one position in a
 # scan); beyond that, more copy groups only reload the same tile.
@@ -127,6 +134,7 @@ def ablate_expand(
     # torch indexing takes CPU indices for CUDA tensors; the kernel reads them contiguously.
     neurons = neurons.to(y.device).contiguous()
     check_tensors("ablate_expand", y, neurons, mid, weight)
+    check_dtypes("ablate_expand", y, mid, weight)
     n_copies = neurons.shape[0]
     out = torch.empty(n_copies, *y.shape, dtype=y.dtype, device=y.device)
     positions = y.shape[:-1].numel()

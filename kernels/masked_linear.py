@@ -25,7 +25,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from ._common import check_tensors, configs, dot_dtype, dot_precision, size_bucket
+from ._common import check_dtypes, check_tensors, configs, dot_dtype, dot_precision, size_bucket
 from .score_accumulate import score_accumulate
 
 # How a mask is laid out, selected at compile time.
@@ -197,6 +197,7 @@ def masked_linear_forward(
     if stats is not None and (stats.shape != (n_out,) or stats.dtype != torch.float32):
         raise ValueError(f"stats must be float32 [{n_out}], got {stats.dtype} {tuple(stats.shape)}")
     check_tensors("masked_linear", x, weight, bias, out_mask, in_mask, stats)
+    check_dtypes("masked_linear", x, weight, bias)
     in_mask, in_layout, rows_per_in_mask = _mask_layout(in_mask, "in_mask", x, n_in)
     out_mask, out_layout, rows_per_out_mask = _mask_layout(out_mask, "out_mask", x, n_out)
 

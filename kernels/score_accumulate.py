@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import check_tensors, configs, size_bucket
+from ._common import check_dtypes, check_tensors, configs, size_bucket
 
 # Exponents with a cheaper form than exp2(alpha * log2(|g|)); selected at compile time.
 _ALPHA_ZERO = 0
@@ -133,6 +133,7 @@ def score_accumulate(
     if valid is not None and valid.shape != (batch, length):
         raise ValueError(f"valid must be [{batch}, {length}], got {tuple(valid.shape)}")
     check_tensors("score_accumulate", a, g, out, valid)
+    check_dtypes("score_accumulate", a, g)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if batch == 0 or channels == 0:
