@@ -17,13 +17,13 @@ needs the number of flattened rows per block.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from canfast.ops.sink import ScoreSink
 
 from ._common import check_dtypes, check_tensors, configs, dot_dtype, dot_precision, size_bucket
 from .score_accumulate import score_accumulate
@@ -258,48 +258,6 @@ def masked_linear_backward(
     return masked_linear_forward(grad_y, weight.t(), None, out_mask=in_mask, in_mask=out_mask)
 
 
-@dataclass
-class ScoreSink:
-    """Where the backward of :func:`masked_linear` adds the CAN score sums of its output.
-
-    ``out`` is float32 ``[B, 3, N]`` (see ``score_accumulate``): the output's rows, flattened,
-    split into ``B`` samples of equal length ``T``; ``valid`` is bool ``[B, T]`` or None.
-    """
-
-    alpha: float
-    out: Tensor
-    valid: Tensor | None = None
-
-    def check(self, y_shape: torch.Size) -> None:
-        """Raise unless an output of shape ``y_shape`` splits into this sink's samples."""
-        channels = y_shape[-1]
-        rows = torch.Size(y_shape[:-1]).numel()
-        if self.out.dim() != 3 or self.out.shape[1:] != (3, channels):
-            raise ValueError(f"sink.out must be [B, 3, {channels}], got {tuple(self.out.shape)}")
-        samples = self.out.shape[0]
-        if self.out.dtype != torch.float32:
-            raise ValueError(f"sink.out must be float32, got {self.out.dtype}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"sink.alpha must lie in [0, 1], got {self.alpha}")
-        if samples == 0 or rows % samples:
-            raise ValueError(f"{rows} output rows do not split into {samples} samples")
-        if self.valid is not None and self.valid.shape != (samples, rows // samples):
-            raise ValueError(
-                f"sink.valid must be [{samples}, {rows // samples}], got {tuple(self.valid.shape)}"
-            )
-
-    def add(self, y: Tensor, grad_y: Tensor) -> None:
-        """Add the score sums of activations ``y`` and their gradients ``grad_y``."""
-        samples, channels = self.out.shape[0], y.shape[-1]
-        score_accumulate(
-            y.reshape(samples, -1, channels),
-            grad_y.reshape(samples, -1, channels),
-            self.alpha,
-            self.out,
-            self.valid,
-        )
-
-
 class MaskedLinearFunction(torch.autograd.Function):
     """Masked linear layer whose backward gives ``dL/dx`` only (the weights are frozen).
 
@@ -333,7 +291,10 @@ class MaskedLinearFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         weight, out_mask, in_mask, y = ctx.saved_tensors
         if ctx.sink is not None:
-            ctx.sink.add(y, grad_y)
+            sink = ctx.sink
+            score_accumulate(
+                sink.per_sample(y), sink.per_sample(grad_y), sink.alpha, sink.out, sink.valid
+            )
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = masked_linear_backward(grad_y, weight, out_mask, in_mask)

@@ -21,6 +21,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
+from canfast.ops.sink import ScoreSink
+
 try:
     from canfast import _C
 except ImportError:  # not built: the dispatcher falls back to the torch reference
@@ -277,45 +279,6 @@ def _backward(
     return dx
 
 
-@dataclass
-class ScoreSink:
-    """Where the backward of :func:`masked_linear` adds the CAN score sums of its output.
-
-    ``out`` is float32 ``[B, 3, N]`` (see :func:`score_accumulate`): the output's rows, flattened,
-    split into ``B`` samples of equal length ``T``; ``valid`` is bool ``[B, T]`` or None. Same
-    fields as ``canfast.kernels.ScoreSink``, so either backend accepts either sink.
-    """
-
-    alpha: float
-    out: Tensor
-    valid: Tensor | None = None
-
-    def check(self, y_shape: torch.Size) -> None:
-        """Raise ValueError unless an output shaped ``y_shape`` splits into this sink's samples."""
-        channels = y_shape[-1]
-        rows = torch.Size(y_shape[:-1]).numel()
-        if self.out.dim() != 3 or self.out.shape[1:] != (3, channels):
-            raise ValueError(f"sink.out must be [B, 3, {channels}], got {tuple(self.out.shape)}")
-        samples = self.out.shape[0]
-        if samples == 0 or rows % samples:
-            raise ValueError(f"{rows} output rows do not split into {samples} samples")
-        if self.valid is not None and self.valid.shape != (samples, rows // samples):
-            raise ValueError(
-                f"sink.valid must be [{samples}, {rows // samples}], got {tuple(self.valid.shape)}"
-            )
-
-    def add(self, y: Tensor, grad_y: Tensor) -> None:
-        """Add the score sums of activations ``y`` and their gradients ``grad_y``."""
-        samples, channels = self.out.shape[0], y.shape[-1]
-        score_accumulate(
-            y.reshape(samples, -1, channels),
-            grad_y.to(y.dtype).reshape(samples, -1, channels),
-            self.alpha,
-            self.out,
-            self.valid,
-        )
-
-
 class MaskedLinearFunction(torch.autograd.Function):
     """Masked linear layer whose backward gives ``dL/dx`` only: the weights are frozen.
 
@@ -348,7 +311,14 @@ class MaskedLinearFunction(torch.autograd.Function):
         weight, y = ctx.saved_tensors
         out_mask, in_mask = ctx.masks
         if ctx.sink is not None:
-            ctx.sink.add(y, grad_y)
+            sink = ctx.sink
+            score_accumulate(
+                sink.per_sample(y),
+                sink.per_sample(grad_y.to(y.dtype)),
+                sink.alpha,
+                sink.out,
+                sink.valid,
+            )
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _backward(grad_y, weight, out_mask, in_mask).reshape(ctx.x_shape)
