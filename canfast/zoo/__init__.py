@@ -1,7 +1,7 @@
 """Built-in tiny vision-language models, trained by canfast on synthetic scenes, and their data.
 
 ``tiny-llava`` (CLIP tower, projector, Llama) and ``tiny-instructblip`` (ViT, Q-Former, Llama)
-are real Hugging Face models with a few hundred thousand parameters each, trained by
+are real Hugging Face models of about a million parameters each, trained by
 ``python -m canfast.zoo.train`` to caption and answer questions about pictures of coloured
 shapes. They let ``canfast sweep`` show the collapse offline and in seconds.
 
@@ -68,8 +68,6 @@ def load_builtin_model(
 def evaluation_samples(scenes: int, split: str = "evaluation") -> list[Sample]:
     """One caption and one question for each of the first ``scenes`` scenes of ``split``,
     interleaved; the question types take turns."""
-    import random
-
     from canfast.data import Sample
     from canfast.zoo.scenes import QUESTION_TYPES
     from canfast.zoo.scenes import scenes as scene_stream
@@ -77,7 +75,7 @@ def evaluation_samples(scenes: int, split: str = "evaluation") -> list[Sample]:
     samples = []
     for index, scene in enumerate(scene_stream(split, scenes)):
         image = scene.render()
-        rng = random.Random(scene.seed)
+        rng = scene.question_rng()
         for qa in (
             scene.caption_qa(),
             scene.question(QUESTION_TYPES[index % len(QUESTION_TYPES)], rng),
@@ -111,26 +109,16 @@ def generate(
     """Greedy answers, stopping at ``</s>``: the decoded new tokens, stripped."""
     import torch
 
-    from canfast.zoo.inputs import family_of, format_prompt
+    from canfast.zoo.inputs import family_of, prompt_batch
 
     family = family_of(kind)
     answers: list[str] = []
     for start in range(0, len(samples), batch_size):
-        chunk = samples[start : start + batch_size]
-        encoding = processor(
-            images=[s.image for s in chunk],
-            text=[format_prompt(family, s.prompt) for s in chunk],
-            padding=True,
-            return_tensors="pt",
-        )
-        pixel_values = encoding["pixel_values"].to(model.dtype)
+        inputs = prompt_batch(processor, family, samples[start : start + batch_size])
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
         with torch.no_grad():
-            output = model.generate(
-                **{**encoding, "pixel_values": pixel_values},
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-            )
-        new = output[:, encoding["input_ids"].shape[1] :]
+            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
+        new = output[:, inputs["input_ids"].shape[1] :]
         answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
     return answers
 

@@ -36,6 +36,7 @@ def family_of(kind: str) -> str:
 
 
 def format_prompt(family: str, prompt: str) -> str:
+    """The text the processor gets for ``prompt``, as canfast's adapters format it."""
     if family == "llava":
         return f"USER: <image>\n{prompt} ASSISTANT:"
     return prompt
@@ -85,9 +86,10 @@ class PromptCache:
         return Encoded(prompt_ids, self._targets[target], qformer_ids)
 
 
-# Where padding goes. "middle" is the Hugging Face processor's way for InstructBLIP (after
-# the query placeholders), "left" and "right" pad whole rows (canfast pads prompts on the left
-# for generation, prompt + target on the right for scoring).
+# Where the language model's padding goes. canfast pads whole rows: prompts on the left for
+# generation, prompt + target on the right for scoring. "middle" is how the Hugging Face
+# InstructBLIP processor pads, after the query placeholders. The Q-Former's text is always
+# padded on the right, as canfast does: it has absolute positions, so left padding moves it.
 LAYOUTS = ("left", "middle", "right")
 
 
@@ -97,8 +99,8 @@ def collate(
     pad_id: int,
     qformer_pad_id: int,
     num_query_tokens: int = 0,
-    layout: str = "middle",
-    qformer_side: str = "left",
+    layout: str = "right",
+    qformer_side: str = "right",
 ) -> dict[str, torch.Tensor]:
     """A teacher-forced batch: ids, attention masks, labels on the target tokens and EOS.
 
@@ -140,6 +142,36 @@ def collate(
             qmask[row, start : start + len(e.qformer_ids)] = 1
         batch["qformer_input_ids"] = qformer
         batch["qformer_attention_mask"] = qmask
+    return batch
+
+
+def prompt_batch(processor, family: str, samples: Sequence) -> dict[str, torch.Tensor]:
+    """Prompts ready for ``generate()``, batched as canfast batches them: each sample through
+    the processor alone, then rows padded on the left and the Q-Former's text on the right."""
+    import torch
+
+    rows = [
+        processor(images=[s.image], text=[format_prompt(family, s.prompt)], return_tensors="pt")
+        for s in samples
+    ]
+    batch = {"pixel_values": torch.cat([row["pixel_values"] for row in rows])}
+    pads = {"input_ids": processor.tokenizer.pad_token_id, "qformer_input_ids": 0}
+    qformer = getattr(processor, "qformer_tokenizer", None)
+    if qformer is not None:
+        pads["qformer_input_ids"] = qformer.pad_token_id
+    for key, side in (("input_ids", "left"), ("qformer_input_ids", "right")):
+        if key not in rows[0]:
+            continue
+        mask_key = key.replace("input_ids", "attention_mask")
+        width = max(row[key].shape[1] for row in rows)
+        ids = torch.full((len(rows), width), pads[key], dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = row[key].shape[1]
+            where = slice(width - n, None) if side == "left" else slice(None, n)
+            ids[i, where] = row[key][0]
+            mask[i, where] = 1
+        batch[key], batch[mask_key] = ids, mask
     return batch
 
 
