@@ -575,7 +575,7 @@ def _sweep_summary(result, scores) -> str:
     summary = [["CAN", result.k1, result.k_star]] + [
         [f"random seed {s}", a, b] for s, a, b in seeds
     ]
-    summary.append(["random median", None, result.random_k_star])
+    summary.append(["random median", result.random_k1, result.random_k_star])
     lines.append(_table(["ordering", "k1", "k*"], summary))
     if result.k_star is not None:
         lines.append("")

@@ -54,12 +54,12 @@ class SweepResult:
     @property
     def random_k_star(self) -> float | None:
         """Median k* of the random sets; seeds that never collapsed count as beyond every k."""
-        if not self.random:
-            return None
-        ks = sorted(c.k_star if c.k_star is not None else math.inf for c in self.random)
-        mid = len(ks) // 2
-        value = ks[mid] if len(ks) % 2 else (ks[mid - 1] + ks[mid]) / 2
-        return None if math.isinf(value) else value
+        return _median([c.k_star for c in self.random])
+
+    @property
+    def random_k1(self) -> float | None:
+        """Median onset k1 of the random sets, counted like ``random_k_star``."""
+        return _median([c.k1 for c in self.random])
 
     def to_json(self) -> dict:
         def curve_json(c: Curve) -> dict:
@@ -84,6 +84,7 @@ class SweepResult:
             "random": {
                 "seeds": [curve_json(c) for c in self.random],
                 "k_star_median": self.random_k_star,
+                "k1_median": self.random_k1,
             },
             "timings": self.timings,
             **self.info,
@@ -111,3 +112,13 @@ class SweepResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+def _median(values: list[int | None]) -> float | None:
+    """Median where None means "not reached": larger than any k, and None if it is the median."""
+    if not values:
+        return None
+    ks = sorted(math.inf if v is None else v for v in values)
+    mid = len(ks) // 2
+    value = ks[mid] if len(ks) % 2 else (ks[mid - 1] + ks[mid]) / 2
+    return None if math.isinf(value) else value
