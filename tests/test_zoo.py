@@ -36,6 +36,10 @@ from canfast.zoo.scenes import (
     vocabulary,
 )
 
+# Tiny models on a loaded two-core machine: two threads mostly wait for each other (generation
+# ran 50x slower with two).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Held-out scenes scored per model; each gives one caption and one question.
 ACCURACY_SCENES = 400
 WEIGHTS_LIMIT = 10 * 1024 * 1024

@@ -34,9 +34,15 @@ AVAILABLE = _C is not None
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-def _threads() -> int:
-    # Follow torch's setting, so torch.set_num_threads governs both halves of masked_linear.
-    return torch.get_num_threads()
+# Below this many elements a pass takes microseconds, less than waking a thread team costs, and
+# a team waiting on a core that another process holds stalls for a scheduler slice.
+_PARALLEL_MIN_ELEMENTS = 1 << 18
+
+
+def _threads(elements: int) -> int:
+    """Threads for a pass over ``elements`` values: torch's setting (so torch.set_num_threads
+    governs both halves of masked_linear), or one for a small pass."""
+    return 1 if elements < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
 
 
 def _dtype_code(t: Tensor, name: str) -> int:
@@ -142,7 +148,7 @@ def score_accumulate(
         sums.stride(0),
         sums.stride(1),
         alpha,
-        _threads(),
+        _threads(a.numel()),
     )
     if sums is not out:
         out += sums
@@ -194,7 +200,7 @@ def _apply_row_mask(src: Tensor, mask: _Mask, dst: Tensor) -> Tensor:
         mask.table.data_ptr(),
         mask.blocks,
         channels,
-        _threads(),
+        _threads(src.numel()),
     )
     return dst
 
@@ -257,7 +263,7 @@ def _forward(
             out_mask.blocks if out_mask is not None else 1,
             n_out,
             sums.data_ptr() if sums is not None else 0,
-            _threads(),
+            _threads(y.numel()),
         )
         if stats is not None and sums is not stats:
             stats += sums
@@ -449,13 +455,13 @@ def ablate_expand(
     y2 = _rows(y)
     common = (y2.data_ptr(), out.data_ptr(), code, rows, channels, _row_stride(y2), n)
     if mid is None:
-        _C.ablate_expand(*common, index.data_ptr(), 0, 0, _threads())
+        _C.ablate_expand(*common, index.data_ptr(), 0, 0, _threads(out.numel()))
         return out
     # The n columns the copies need are gathered once, in fp32 (O((rows + N) * n), small next
     # to the n * rows * N outputs); the kernel then forms every copy row in one fused pass.
     mid_cols = mid.reshape(rows, mid.shape[-1])[:, index].to(torch.float32).contiguous()
     w_rows = weight[:, index].to(torch.float32).t().contiguous()
-    _C.ablate_expand(*common, 0, mid_cols.data_ptr(), w_rows.data_ptr(), _threads())
+    _C.ablate_expand(*common, 0, mid_cols.data_ptr(), w_rows.data_ptr(), _threads(out.numel()))
     return out
 
 
