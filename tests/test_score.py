@@ -162,7 +162,7 @@ def test_scores_match_float64_reference(double_models, family, unit):
 
 @pytest.mark.skipif(not canfast.ops.available("cpp"), reason="canfast._C is not built")
 @pytest.mark.parametrize("unit", ["out", "mid"])
-@pytest.mark.parametrize("family", ["llava", "instructblip", "gpt2", "opt", "bert", "t5"])
+@pytest.mark.parametrize("family", ["llava", "instructblip", "llama", "gpt2", "opt", "bert", "t5"])
 def test_cpp_backend_matches_torch(make_model, family, unit):
     """The compiled CPU kernels score whole float32 models as the torch reference does."""
     model = make_model(family)
@@ -185,6 +185,23 @@ def test_cpp_backend_matches_torch(make_model, family, unit):
             torch.testing.assert_close(
                 runs["cpp"].stats[name][key], runs["torch"].stats[name][key], rtol=1e-5, atol=1e-7
             )
+
+
+@pytest.mark.parametrize("family", ["llava", "llama"])
+def test_triton_backend_matches_torch(make_model, family):
+    """canfast.score through the Triton kernels (the interpreter on CPU) gives the reference."""
+    if not canfast.ops.available("triton"):
+        pytest.fail("triton is part of the test extras and must be importable")
+    model = make_model(family)
+    samples = tm.samples(family, 2)
+    runs = {
+        backend: canfast.score(
+            model, samples, targets="given", batch_size=2, backend=backend, progress=False
+        )
+        for backend in ("torch", "triton")
+    }
+    for name in runs["torch"].sites:
+        torch.testing.assert_close(runs["triton"][name], runs["torch"][name], rtol=1e-5, atol=1e-7)
 
 
 def test_alpha_changes_scores(double_models):

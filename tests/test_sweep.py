@@ -451,3 +451,26 @@ def test_sweep_of_mid_neurons(llava_run):
     for k, ppl in zip(result.curve.k, result.curve.ppl):
         assert ppl == pytest.approx(masked_ppl(model, samples, order[:k]), rel=1e-5)
     assert result.curve.ppl[-1] > result.ppl0
+
+
+def test_sweep_by_component_and_kind_masks_only_that_group(llava):
+    """--by component / kind: one row per group, each a sweep over that group's sites alone."""
+    from canfast.objective import with_targets
+    from canfast.sweep.groups import sweep_by
+
+    samples = with_targets(llava, tm.samples("llava", 3), "self", max_new_tokens=4)
+    scores = canfast.score(llava, samples, targets="given", progress=False)
+    options = dict(schedule=[1, 2, 4], seeds=1, batch_size=4, progress=False)
+    by_component = sweep_by("component", llava, samples, scores, **options)
+    assert [r["group"] for r in by_component] == ["vision", "projector", "language"]
+    sizes = {s.component: 0 for s in llava.sites()}
+    for site in llava.sites():
+        sizes[site.component] += site.channels
+    for row in by_component:
+        assert row["n_neurons"] == sizes[row["group"]]
+        assert row["n_samples"] == 3
+    by_kind = sweep_by("kind", llava, samples, scores, **options)
+    assert sorted(r["group"] for r in by_kind) == ["down", "gate", "up"]
+    assert sum(r["n_neurons"] for r in by_kind) == sum(sizes.values())
+    with pytest.raises(canfast.BadInput):
+        sweep_by("category", llava, samples, scores, **options)
