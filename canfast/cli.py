@@ -473,39 +473,23 @@ def sweep(
             backend=backend,
         )
         scores.meta["targets"] = targets
-    result = run_sweep(
-        m,
-        samples,
-        scores,
+    options = dict(
         kind=sweep_kind,
         schedule=ks,
         tau=tau,
         onset=onset,
         seeds=seeds,
         metric=metric,
-        targets="given",
         batch_size=batch_size,
         masks_per_pass=masks_per_pass,
         max_new_tokens=max_new_tokens,
-        generations=generations,
         backend=backend,
     )
+    result = run_sweep(m, samples, scores, targets="given", generations=generations, **options)
     result.info["targets"] = targets
     if by:
         from canfast.sweep.groups import sweep_by
 
-        options = dict(
-            kind=sweep_kind,
-            schedule=ks,
-            tau=tau,
-            onset=onset,
-            seeds=seeds,
-            metric=metric,
-            batch_size=batch_size,
-            masks_per_pass=masks_per_pass,
-            max_new_tokens=max_new_tokens,
-            backend=backend,
-        )
         result.info["by"] = {b: sweep_by(b, m, samples, scores, **options) for b in by}
     out = prepare_run_dir(out, overwrite)
     if scores_path is None:

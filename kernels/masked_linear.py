@@ -23,7 +23,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from canfast.ops.sink import ScoreSink
+from canfast.ops.sink import ScoreSink, needs_graph
 
 from ._common import check_dtypes, check_tensors, configs, dot_dtype, dot_precision, size_bucket
 from .score_accumulate import score_accumulate
@@ -291,10 +291,7 @@ class MaskedLinearFunction(torch.autograd.Function):
     def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
         weight, out_mask, in_mask, y = ctx.saved_tensors
         if ctx.sink is not None:
-            sink = ctx.sink
-            score_accumulate(
-                sink.per_sample(y), sink.per_sample(grad_y), sink.alpha, sink.out, sink.valid
-            )
+            ctx.sink.feed(score_accumulate, y, grad_y)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = masked_linear_backward(grad_y, weight, out_mask, in_mask)
@@ -320,13 +317,7 @@ def masked_linear(
 
     Weight and bias never receive gradients, even when they require them.
     """
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
-    if sink is not None:
-        if not tracked:
-            raise ValueError("a score sink is fed by the backward pass, but y will have no grad")
-        sink.check(torch.Size((*x.shape[:-1], weight.shape[0])))
+    tracked = needs_graph(x, weight, bias, sink)
     if not tracked:
         return masked_linear_forward(x, weight, bias, out_mask, in_mask, stats)
     return MaskedLinearFunction.apply(x, weight, bias, out_mask, in_mask, stats, sink)

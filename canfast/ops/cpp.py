@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
 
-from canfast.ops.sink import ScoreSink
+from canfast.ops.sink import ScoreSink, needs_graph
 
 try:
     from canfast import _C
@@ -317,14 +317,7 @@ class MaskedLinearFunction(torch.autograd.Function):
         weight, y = ctx.saved_tensors
         out_mask, in_mask = ctx.masks
         if ctx.sink is not None:
-            sink = ctx.sink
-            score_accumulate(
-                sink.per_sample(y),
-                sink.per_sample(grad_y.to(y.dtype)),
-                sink.alpha,
-                sink.out,
-                sink.valid,
-            )
+            ctx.sink.feed(score_accumulate, y, grad_y)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = _backward(grad_y, weight, out_mask, in_mask).reshape(ctx.x_shape)
@@ -362,16 +355,9 @@ def masked_linear(
     n_out, n_in = _check_linear(x, weight, bias, stats)
     om = _prepare_mask(out_mask, "out_mask", x, n_out)
     im = _prepare_mask(in_mask, "in_mask", x, n_in)
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
     if sink is not None:
-        if not tracked:
-            raise ValueError("a score sink is fed by the backward pass, but y will have no grad")
         _check_cpu("masked_linear", **{"sink.out": sink.out, "sink.valid": sink.valid})
-        if sink.out.dtype != torch.float32:
-            raise ValueError(f"sink.out must be float32, got {sink.out.dtype}")
-        sink.check(torch.Size((*x.shape[:-1], n_out)))
+    tracked = needs_graph(x, weight, bias, sink)
     if not tracked:
         return _forward(x, weight, bias, om, im, stats)
     return MaskedLinearFunction.apply(x, weight, bias, om, im, stats, sink)

@@ -5,6 +5,7 @@ Shared by the cpp and triton backends, so either accepts the sink the caller bui
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -42,3 +43,23 @@ class ScoreSink:
     def per_sample(self, t: Tensor) -> Tensor:
         """``t`` ([..., N]) as ``[B, T, N]``, the layout ``score_accumulate`` reads."""
         return t.reshape(self.out.shape[0], -1, t.shape[-1])
+
+    def feed(self, accumulate: Callable, y: Tensor, grad_y: Tensor) -> None:
+        """Add the score sums of ``y`` and ``dL/dy`` with a backend's ``score_accumulate``."""
+        grad = self.per_sample(grad_y.to(y.dtype))
+        accumulate(self.per_sample(y), grad, self.alpha, self.out, self.valid)
+
+
+def needs_graph(x: Tensor, weight: Tensor, bias: Tensor | None, sink: ScoreSink | None) -> bool:
+    """Whether a masked linear call must record autograd, checking a sink against it.
+
+    A sink is fed by the backward pass, so it is an error where no backward will run.
+    """
+    tracked = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias)
+    )
+    if sink is not None:
+        if not tracked:
+            raise ValueError("a score sink is fed by the backward pass, but y will have no grad")
+        sink.check(torch.Size((*x.shape[:-1], weight.shape[0])))
+    return tracked
