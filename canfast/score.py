@@ -140,7 +140,9 @@ class _SiteTotals:
         self.grad = torch.zeros(channels, dtype=torch.float64)
 
     def add(self, sums: Tensor, counts: Tensor) -> None:
-        means = (sums.double() / counts.double().clamp_min(1)[:, None, None]).cpu()
+        # A sample with no position at this site (no token routed to an expert) has no S.
+        seen = (counts > 0).cpu()
+        means = (sums.double() / counts.double().clamp_min(1)[:, None, None]).cpu()[seen]
         s = means[:, 0]
         self.n += s.shape[0]
         self.s += s.sum(0)
@@ -164,7 +166,7 @@ class _Collector:
         self.alpha = alpha
         self.backend = backend
         self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
-        self.pending: dict[int, tuple[Site, Tensor]] = {}
+        self.pending: dict[int, tuple[Site, Tensor, tuple | None]] = {}
         self.batch: Batch | None = None
         self.handles = []
 
@@ -189,11 +191,14 @@ class _Collector:
             a = a.detach().requires_grad_()
         kept = a.detach()
         key = id(kept)
-        self.pending[key] = (site, kept)
+        # An expert sees only the rows its router sent it: which rows of the flattened batch.
+        routed = getattr(site.module, "routed_rows", None)
+        routing = None if routed is None else (routed, site.module.routed_total)
+        self.pending[key] = (site, kept, routing)
 
         def on_grad(g: Tensor) -> None:
             self.pending.pop(key, None)
-            self._reduce(site, kept, g)
+            self._reduce(site, kept, g, routing)
 
         a.register_hook(on_grad)
         return a
@@ -210,10 +215,13 @@ class _Collector:
 
         return hook
 
-    def _reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
+    def _reduce(self, site: Site, a: Tensor, g: Tensor, routing=None) -> None:
         # Some models (OPT) flatten [B, T, H] to [B*T, H] around their FFN: fold the rows back
         # per sample, so that S stays a per-sample mean and the padding mask applies.
         rows = self.batch.size if self.batch is not None else a.shape[0]
+        routed = None
+        if routing is not None and routing[1] % rows == 0:
+            a, g, routed = _unroute(a, g, *routing)
         if a.dim() == 3 or a.numel() % (rows * a.shape[-1]):
             rows = a.shape[0]
         a3 = a if a.dim() == 3 else a.reshape(rows, -1, a.shape[-1])
@@ -221,6 +229,9 @@ class _Collector:
         valid = self.batch.valid.get(site.stream) if site.stream else None
         if valid is not None and tuple(valid.shape) != tuple(a3.shape[:2]):
             valid = None
+        if routed is not None:
+            routed = routed.reshape(a3.shape[:2])
+            valid = routed if valid is None else valid & routed
         out = torch.zeros(a3.shape[0], 3, a3.shape[2], dtype=torch.float32, device=a.device)
         ops.score_accumulate(a3, g3, self.alpha, out, valid, backend=self.backend)
         counts = valid.sum(1) if valid is not None else torch.full((a3.shape[0],), a3.shape[1])
@@ -228,9 +239,24 @@ class _Collector:
 
     def finish_batch(self) -> None:
         """Sites whose activation got no gradient (unused by the loss) count with g = 0."""
-        for site, a in list(self.pending.values()):
-            self._reduce(site, a, torch.zeros_like(a))
+        for site, a, routing in list(self.pending.values()):
+            self._reduce(site, a, torch.zeros_like(a), routing)
         self.pending.clear()
+
+
+def _unroute(a: Tensor, g: Tensor, rows: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Put an expert's routed rows back in their places among the ``total`` rows of the batch
+    (zeros elsewhere), with a mask of the routed places, so the usual per-sample reduction
+    averages each sample over exactly its routed tokens."""
+    routed = torch.zeros(total, dtype=torch.bool, device=a.device)
+    routed[rows] = True
+    if a.shape[0] == total:  # already in place (a batch of masks ran the expert on every row)
+        return a, g, routed
+    full_a = a.new_zeros(total, a.shape[-1])
+    full_g = g.new_zeros(total, g.shape[-1])
+    full_a[rows] = a
+    full_g[rows] = g
+    return full_a, full_g, routed
 
 
 def score(

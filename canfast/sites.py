@@ -28,7 +28,9 @@ class Site:
     ``module`` is the Linear (or GPT-2 ``Conv1D``) itself. For unit ``out`` the neurons are its
     output channels; for unit ``mid`` (kind ``mid``) they are its input channels. ``stream``
     names the token sequence the module runs over (``"language"``, ``"decoder"``, ...), which
-    tells scoring which padding mask applies; None means every position is real.
+    tells scoring which padding mask applies; None means every position is real. ``expert`` is
+    ``"e<k>"`` for expert ``k`` of a mixture-of-experts layer, ``"shared"`` for its shared
+    expert, and None for a dense FFN.
     """
 
     name: str
@@ -39,6 +41,7 @@ class Site:
     channels: int
     module: nn.Module = field(repr=False, compare=False)
     stream: str | None = None
+    expert: str | None = None
 
     @property
     def unit(self) -> str:
@@ -53,8 +56,38 @@ class Site:
         return f"{self.name}:{channel}"
 
 
-def site_name(component: str, layer: int, kind: str) -> str:
-    return f"{component}.{layer}.{kind}"
+def site_name(component: str, layer: int, kind: str, expert: str | None = None) -> str:
+    """``language.12.down``, or ``language.3.e7.down`` for expert 7 of a mixture of experts."""
+    if expert is None:
+        return f"{component}.{layer}.{kind}"
+    return f"{component}.{layer}.{expert}.{kind}"
+
+
+@dataclass(frozen=True)
+class SiteName:
+    """The parts of a site name: ``component.layer.kind`` or ``component.layer.expert.kind``."""
+
+    component: str
+    layer: int
+    kind: str
+    expert: str | None = None
+
+
+def parse_site_name(name: str) -> SiteName:
+    """Split a site name into its parts; a name of neither form is bad input."""
+    parts = name.split(".")
+    ok = len(parts) in (3, 4) and parts[0] in COMPONENTS and parts[1].isdigit()
+    ok = ok and parts[-1] in KINDS
+    if ok and len(parts) == 4:
+        expert = parts[2]
+        ok = expert == "shared" or (expert[:1] == "e" and expert[1:].isdigit())
+    if not ok:
+        raise BadInput(
+            f"bad site name {name!r}; expected COMPONENT.LAYER.KIND (language.12.down) or "
+            "COMPONENT.LAYER.EXPERT.KIND (language.3.e7.down, language.3.shared.up)"
+        )
+    expert = parts[2] if len(parts) == 4 else None
+    return SiteName(parts[0], int(parts[1]), parts[-1], expert)
 
 
 def parse_neuron(neuron_id: str) -> tuple[str, int]:

@@ -453,3 +453,75 @@ def samples(family: str, n: int = 3):
         Sample(image(i) if with_image else None, prompt, target)
         for i, (prompt, target) in enumerate(rows)
     ]
+
+
+# ----- families of issue 11: current language models and mixtures of experts -----------------
+
+NEW_TEXT_FAMILIES = ("gemma2", "gemma3_text", "phi3", "qwen3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+EXPERTS = 4
+
+
+def _text_config(config_class, tok, **extra):
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    common.update(extra)
+    return config_class(**common)
+
+
+def _causal(config_name: str, model_name: str, **extra):
+    import transformers
+
+    tok = tokenizer("llama")
+    config = _text_config(getattr(transformers, config_name), tok, **extra)
+    return getattr(transformers, model_name)(config), tok
+
+
+def _moe_extra(**extra):
+    return dict(num_experts_per_tok=2, **extra)
+
+
+BUILDERS.update(
+    {
+        "gemma2": lambda: _causal("Gemma2Config", "Gemma2ForCausalLM"),
+        "gemma3_text": lambda: _causal(
+            "Gemma3TextConfig", "Gemma3ForCausalLM", sliding_window=4, layer_types=None
+        ),
+        "phi3": lambda: _causal("Phi3Config", "Phi3ForCausalLM"),
+        "qwen3": lambda: _causal("Qwen3Config", "Qwen3ForCausalLM"),
+        "mixtral": lambda: _causal(
+            "MixtralConfig", "MixtralForCausalLM", **_moe_extra(num_local_experts=EXPERTS)
+        ),
+        "qwen2_moe": lambda: _causal(
+            "Qwen2MoeConfig",
+            "Qwen2MoeForCausalLM",
+            **_moe_extra(
+                num_experts=EXPERTS,
+                moe_intermediate_size=FFN // 2,
+                shared_expert_intermediate_size=FFN,
+                decoder_sparse_step=1,
+                mlp_only_layers=[],
+            ),
+        ),
+        "qwen3_moe": lambda: _causal(
+            "Qwen3MoeConfig",
+            "Qwen3MoeForCausalLM",
+            **_moe_extra(num_experts=EXPERTS, moe_intermediate_size=FFN // 2, mlp_only_layers=[]),
+        ),
+        "olmoe": lambda: _causal(
+            "OlmoeConfig", "OlmoeForCausalLM", **_moe_extra(num_experts=EXPERTS)
+        ),
+    }
+)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from canfast.adapters import bert, causal_lm, instructblip, llava, t5
-from canfast.adapters.base import Adapter, find_sites
+from canfast.adapters import bert, causal_lm, instructblip, llava, moe, t5, vlm
+from canfast.adapters.base import Adapter, Block, find_sites
 from canfast.errors import BadInput
 
 ADAPTERS: tuple[Adapter, ...] = (
     llava.ADAPTER,
     instructblip.ADAPTER,
+    *vlm.ADAPTERS,
     causal_lm.ADAPTER,
+    moe.ADAPTER,
     bert.ADAPTER,
     t5.ADAPTER,
 )
@@ -28,4 +30,4 @@ def adapter_for(model_type: str) -> Adapter:
     )
 
 
-__all__ = ["ADAPTERS", "Adapter", "adapter_for", "find_sites", "supported_model_types"]
+__all__ = ["ADAPTERS", "Adapter", "Block", "adapter_for", "find_sites", "supported_model_types"]

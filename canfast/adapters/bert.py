@@ -8,4 +8,5 @@ ADAPTER = Adapter(
     task="masked",
     component_of=lambda path: "language",
     stream_of=lambda path: "language",
+    notes="masked-LM objective",
 )

@@ -18,4 +18,6 @@ ADAPTER = Adapter(
     stream_of=_stream,
     uses_images=True,
     extra_single_sites=(("language_projection", "down"),),
+    components=("vision", "qformer", "projector", "language"),
+    notes="Vicuna or Flan-T5 language model",
 )

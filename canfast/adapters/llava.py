@@ -10,4 +10,6 @@ ADAPTER = Adapter(
     stream_of=lambda path: "language" if component_by_keyword(path) == "language" else None,
     prompt_template="USER: <image>\n{prompt} ASSISTANT:",
     uses_images=True,
+    components=("vision", "projector", "language"),
+    notes="LLaVA-1.5",
 )

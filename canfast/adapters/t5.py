@@ -8,4 +8,5 @@ ADAPTER = Adapter(
     task="seq2seq",
     component_of=lambda path: "language",
     stream_of=lambda path: "decoder" if path.startswith("decoder") else "language",
+    notes="decoder layers numbered after the encoder layers",
 )

@@ -1,0 +1,290 @@
+"""Every family of issue 11 on a tiny random model: its site map, CAN scores against a float64
+autograd reference, hook masking against weight masking, and a short sweep. Mixture-of-experts
+models add: experts as views into the stacked weights (no copies), the rerouted forward equal to
+transformers' own, per-expert scores averaged over the routed tokens, and batches of masks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tiny_models as tm
+import torch
+from test_score import reference_loss
+
+import canfast
+from canfast import NeuronSet, masked
+from canfast.adapters.views import LinearView
+from canfast.objective import evaluate
+from canfast.sites import parse_site_name, select
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FAMILIES = tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES
+
+H, F, L, E = tm.HIDDEN, tm.FFN, tm.LAYERS, tm.EXPERTS
+DENSE = {"out": (3 * L, L * (2 * F + H)), "mid": (L, L * F)}
+# (sites, channels) per unit: E experts of FFN // 2 (Qwen-MoE) or FFN (Mixtral, OLMoE) per layer.
+SITE_MAP = {
+    "gemma2": DENSE,
+    "gemma3_text": DENSE,
+    "phi3": DENSE,
+    "qwen3": DENSE,
+    "mixtral": {"out": (3 * L * E, L * E * (2 * F + H)), "mid": (L * E, L * E * F)},
+    "olmoe": {"out": (3 * L * E, L * E * (2 * F + H)), "mid": (L * E, L * E * F)},
+    "qwen3_moe": {"out": (3 * L * E, L * E * (F + H)), "mid": (L * E, L * E * F // 2)},
+    "qwen2_moe": {
+        "out": (3 * L * (E + 1), L * E * (F + H) + L * (2 * F + H)),
+        "mid": (L * (E + 1), L * E * F // 2 + L * F),
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {}
+
+
+def model_of(cache, family, dtype=torch.float32):
+    key = (family, dtype)
+    if key not in cache:
+        cache[key] = tm.wrap(family, dtype=dtype)
+    return cache[key]
+
+
+# ----- site map --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_site_map(models, family):
+    model = model_of(models, family)
+    for unit in ("out", "mid"):
+        sites = model.all_sites(unit)
+        count, channels = SITE_MAP[family][unit]
+        assert (len(sites), sum(s.channels for s in sites)) == (count, channels), unit
+        assert len({s.name for s in sites}) == len(sites)
+        for site in sites:
+            parsed = parse_site_name(site.name)
+            assert (parsed.component, parsed.layer, parsed.kind) == (
+                site.component,
+                site.layer,
+                site.kind,
+            )
+            assert parsed.expert == site.expert
+    names = [s.name for s in model.all_sites("out")]
+    if family in tm.MOE_FAMILIES:
+        assert f"language.{L - 1}.e{E - 1}.down" in names
+        assert "language.0.e0.gate" in names
+        downs = select(model.all_sites("out"), "language.*.down")
+        extra = 1 if family == "qwen2_moe" else 0
+        assert len(downs) == L * (E + extra)
+        assert all(s.channels == H for s in downs)
+        assert ("language.1.shared.up" in names) == (family == "qwen2_moe")
+    else:
+        assert names == [f"language.{i}.{k}" for i in range(L) for k in ("gate", "up", "down")]
+
+
+def test_fused_gate_up_split_into_halves(models):
+    """Phi-3's gate_up_proj: gate is the first half of its output rows, up the second, as the
+    MLP's own ``chunk(2)`` reads them; both are views of the one weight."""
+    model = model_of(models, "phi3")
+    gate, up = model.site("language.0.gate"), model.site("language.0.up")
+    fused = model.hf.model.layers[0].mlp.gate_up_proj
+    assert gate.channels == up.channels == F
+    assert gate.module_path.endswith("mlp.gate_up_proj.gate")
+    assert torch.equal(gate.module.weight, fused.weight[:F])
+    assert torch.equal(up.module.weight, fused.weight[F:])
+    assert gate.module.weight.data_ptr() == fused.weight.data_ptr()
+
+
+@pytest.mark.parametrize("family", ["phi3", *tm.MOE_FAMILIES])
+def test_views_change_nothing(family):
+    """Exposing views adds no parameter and copies no weight, and the model computes the same
+    logits as transformers' own forward."""
+    hf, tok = tm.build(family)
+    params = {n: p.data_ptr() for n, p in hf.named_parameters()}
+    keys = sorted(hf.state_dict())
+    sample = tm.samples(family, 2)
+    before = copy.deepcopy(hf)
+    model = canfast.Model(hf, tok)
+    assert {n: p.data_ptr() for n, p in hf.named_parameters()} == params
+    assert sorted(hf.state_dict()) == keys
+    views = [s.module for s in model.all_sites("out") if isinstance(s.module, LinearView)]
+    assert views
+    storages = {p.untyped_storage().data_ptr() for p in hf.parameters()}
+    assert all(v.weight.untyped_storage().data_ptr() in storages for v in views)
+    batch = model.encode(sample)
+    with torch.no_grad():
+        ours = model.forward(batch).logits
+        theirs = before(**batch.inputs, use_cache=False).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # A deep copy keeps working on its own weights.
+    twin = copy.deepcopy(hf)
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+        assert torch.equal(model.forward(batch).logits, ours)
+
+
+# ----- scoring against float64 -----------------------------------------------------------------
+
+
+def capture(model, samples, unit):
+    """Per sample, per site that ran: |a| and |dL_i/da| in float64, rows of that sample alone
+    (for an expert: the rows its router sent it)."""
+    sites = model.sites(unit)
+    records = []
+    for sample in samples:
+        batch = model.encode([sample])
+        seen, handles = {}, []
+        for site in sites:
+            if unit == "out":
+
+                def hook(module, args, output, name=site.name, seen=seen):
+                    seen[name] = output
+
+                handles.append(site.module.register_forward_hook(hook))
+            else:
+
+                def pre(module, args, name=site.name, seen=seen):
+                    seen[name] = args[0]
+
+                handles.append(site.module.register_forward_pre_hook(pre))
+        try:
+            with torch.enable_grad():
+                outputs = model.forward(batch)
+                loss = reference_loss(model, sample, batch.inputs, outputs.logits)
+                names = list(seen)
+                grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        record = {}
+        for name, grad in zip(names, grads, strict=True):
+            a = seen[name].detach()
+            g = torch.zeros_like(a) if grad is None else grad
+            record[name] = (a.reshape(-1, a.shape[-1]).abs(), g.reshape(-1, a.shape[-1]).abs())
+        records.append(record)
+    return records
+
+
+def reduce(records, alpha, names):
+    """I per site: the mean over the samples that reached the site of their mean over rows."""
+    out = {}
+    for name in names:
+        rows = [r[name] for r in records if name in r and r[name][0].shape[0]]
+        if not rows:
+            continue
+        out[name] = torch.stack([(g.pow(alpha) * a).mean(0) for a, g in rows]).mean(0)
+    return out
+
+
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_scores_match_float64_reference(models, family, unit):
+    model = model_of(models, family, torch.float64)
+    model.hf.requires_grad_(True)
+    samples = tm.samples(family, 3)
+    records = capture(model, samples, unit)
+    alpha = 0.5
+    names = [s.name for s in model.sites(unit)]
+    expected = reduce(records, alpha, names)
+    if family in tm.MOE_FAMILIES:
+        # Every expert of the tiny model gets some tokens, and some sample misses some expert,
+        # so the average over routed tokens is what is tested.
+        assert sorted(expected) == sorted(names)
+        assert any(len(r) < len(names) for r in records) or family == "qwen2_moe"
+    for batch_size in (1, 2):
+        scores = canfast.score(
+            model,
+            samples,
+            alpha=alpha,
+            unit=unit,
+            targets="given",
+            batch_size=batch_size,
+            backend="torch",
+            progress=False,
+        )
+        assert sorted(scores.sites) == sorted(names)
+        for name, value in expected.items():
+            got = scores[name].double()
+            scale = value.abs().max().item()
+            torch.testing.assert_close(
+                got, value, rtol=1e-5, atol=1e-7 * scale, msg=f"{family} {name} bs={batch_size}"
+            )
+
+
+# ----- masking ---------------------------------------------------------------------------------
+
+
+def pick(model, unit, per_site=2, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    neurons = []
+    for site in model.all_sites(unit):
+        for c in torch.randperm(site.channels, generator=generator)[:per_site].tolist():
+            neurons.append((site.name, c))
+    return NeuronSet(tuple(neurons))
+
+
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hook_masking_equals_weight_masking(models, family, unit):
+    model = model_of(models, family)
+    batch = model.encode(tm.samples(family, 3))
+    neurons = pick(model, unit)
+    with torch.no_grad():
+        plain = model.forward(batch).logits
+        with masked(model, neurons, mode="hook", backend="torch"):
+            hooked = model.forward(batch).logits
+        with masked(model, neurons, mode="weight"):
+            zeroed = model.forward(batch).logits
+        after = model.forward(batch).logits
+    torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(hooked, plain, atol=1e-3)
+    assert torch.equal(after, plain)
+
+
+@pytest.mark.parametrize("family", tm.MOE_FAMILIES)
+def test_batch_of_masks_on_experts(models, family):
+    """Routed rows lose the block order of a batch of masks; each mask must still reach only
+    its own copy of the batch."""
+    model = model_of(models, family)
+    samples = tm.samples(family, 3)
+    sets = [pick(model, "out", 1, seed) for seed in range(3)]
+    with masked(model, sets, mode="hook", backend="torch"):
+        together = [e.ppl for e in evaluate(model, samples, batch_size=3, masks=len(sets))]
+    alone = []
+    for neurons in sets:
+        with masked(model, neurons, mode="weight"):
+            alone.append(evaluate(model, samples, batch_size=3)[0].ppl)
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(round(p, 6) for p in alone)) == len(alone)
+
+
+# ----- a short sweep ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_sweep(models, family):
+    model = model_of(models, family)
+    samples = tm.samples(family, 2)
+    scores = canfast.score(model, samples, targets="given", backend="torch", progress=False)
+    result = canfast.sweep(
+        model,
+        samples,
+        scores,
+        schedule=[1, 8, len(scores.ranking())],
+        tau=50.0,  # never reached: every k of the schedule is evaluated
+        seeds=1,
+        targets="given",
+        batch_size=2,
+        masks_per_pass=2,
+        generations=0,
+        backend="torch",
+        progress=False,
+    )
+    assert result.curve.k[-1] == result.n_neurons
+    top = scores.top(8)
+    with masked(model, top, mode="weight"):
+        ppl8 = evaluate(model, samples, batch_size=2)[0].ppl
+    assert result.curve.ppl[result.curve.k.index(8)] == pytest.approx(ppl8, rel=1e-5)
