@@ -123,9 +123,18 @@ def _install_hooks(masks: dict[Site, Tensor], batched: bool, backend: str):
             out_mask, in_mask = _both(outer_out, out_mask), _both(outer_in, in_mask)
 
             def forward(x: Tensor, module=module, out_mask=out_mask, in_mask=in_mask) -> Tensor:
-                return ops.masked_linear(
-                    x, _weight(module), module.bias, out_mask, in_mask, backend=backend
+                # One packed sequence may hold every image of the batch (Pixtral): the blocks
+                # of a batch of masks then follow each other along it.
+                packed = batched and x.dim() == 3 and x.shape[0] == 1
+                y = ops.masked_linear(
+                    x[0] if packed else x,
+                    _weight(module),
+                    module.bias,
+                    out_mask,
+                    in_mask,
+                    backend=backend,
                 )
+                return y[None] if packed else y
 
             forward.canfast_masks = (out_mask, in_mask)
             # An instance attribute shadows the class's forward; deleting it restores the

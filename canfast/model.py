@@ -22,6 +22,34 @@ from canfast.errors import BadInput
 from canfast.sites import UNITS, Site, select
 
 IGNORE = -100
+# Inputs that run along the token sequence ([B, T, ...]): padded with it, extended by targets.
+TOKEN_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "cross_attention_mask",
+)
+
+
+def _extend_tokens(encoded: dict[str, Tensor], target: Tensor, token_type: int) -> None:
+    """Append ``target`` ([1, n] ids) to a prompt's encoding, and every per-token input with it:
+    attention 1, token type ``token_type`` (PaliGemma marks its suffix with 1), and Mllama's
+    cross-attention mask repeated from the last prompt token (answers see the image too)."""
+    n = target.shape[1]
+    encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
+    for key in TOKEN_KEYS[1:]:
+        if key not in encoded:
+            continue
+        t = encoded[key]
+        if key == "attention_mask":
+            tail = torch.ones_like(t[:, :1]).expand(-1, n)
+        elif key == "cross_attention_mask":
+            tail = t[:, -1:].expand(-1, n, *t.shape[2:])
+        else:
+            tail = torch.full_like(t[:, :1], token_type if key == "token_type_ids" else 0)
+            tail = tail.expand(-1, n)
+        encoded[key] = torch.cat([t, tail], dim=1)
 
 
 @dataclass
@@ -174,7 +202,9 @@ class Model:
                 raise BadInput(
                     f"{self.name} needs an image for every sample (prompt {sample.prompt!r})"
                 )
-            return dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
+            encoded = dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
+            encoded.pop("labels", None)  # PaliGemma's processor offers some; canfast makes its own
+            return encoded
         return dict(self.tokenizer([text], return_tensors="pt"))
 
     def target_ids(self, prompt_text: str, target: str) -> list[int]:
@@ -217,9 +247,7 @@ class Model:
             encoded = self._process(sample, text)
             target = torch.tensor([self.target_ids(text, sample.target) + self._eos()])
             starts.append(encoded["input_ids"].shape[1])
-            encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
-            if "attention_mask" in encoded:
-                encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
+            _extend_tokens(encoded, target, self.adapter.target_token_type)
             rows.append(encoded)
         inputs = self._collate(rows, side="right")
         ids, attention = inputs["input_ids"], inputs["attention_mask"]
@@ -290,11 +318,7 @@ class Model:
         out: dict[str, Tensor] = {}
         for key in rows[0]:
             tensors = [r[key] for r in rows]
-            if (
-                key.endswith("input_ids")
-                or key.endswith("attention_mask")
-                or key == "token_type_ids"
-            ):
+            if key in TOKEN_KEYS or key.startswith("qformer_"):
                 fill = pad_id if key.endswith("input_ids") else 0
                 key_side = side
                 if key.startswith("qformer_"):
@@ -302,7 +326,8 @@ class Model:
                     if key.endswith("input_ids") and qformer_tokenizer is not None:
                         fill = qformer_tokenizer.pad_token_id or 0
                 width = max(t.shape[1] for t in tensors)
-                padded = torch.full((len(rows), width), fill, dtype=tensors[0].dtype)
+                shape = (len(rows), width, *tensors[0].shape[2:])
+                padded = torch.full(shape, fill, dtype=tensors[0].dtype)
                 for i, t in enumerate(tensors):
                     n = t.shape[1]
                     if key_side == "right":

@@ -222,6 +222,9 @@ class _Collector:
         routed = None
         if routing is not None and routing[1] % rows == 0:
             a, g, routed = _unroute(a, g, *routing)
+        if a.dim() == 3 and a.shape[0] == 1 != rows:
+            # Pixtral packs the patches of every image of the batch into one sequence.
+            a, g = a[0], g[0]
         if a.dim() == 3 or a.numel() % (rows * a.shape[-1]):
             rows = a.shape[0]
         a3 = a if a.dim() == 3 else a.reshape(rows, -1, a.shape[-1])
@@ -242,6 +245,19 @@ class _Collector:
         for site, a, routing in list(self.pending.values()):
             self._reduce(site, a, torch.zeros_like(a), routing)
         self.pending.clear()
+
+
+def _check_images_split_evenly(batch: Batch) -> None:
+    """Vision towers that pack all patches of a batch into one sequence (Qwen-VL, Pixtral) or
+    tile images by their aspect ratio (LLaVA-NeXT) give rows per sample that only split evenly
+    when the batch's images share one size; refuse rather than mix samples."""
+    for key in ("image_grid_thw", "image_sizes"):
+        sizes = batch.inputs.get(key)
+        if sizes is not None and sizes.dim() == 2 and (sizes != sizes[:1]).any():
+            raise BadInput(
+                f"images of different sizes in one batch ({key}); score them with batch_size=1 "
+                "or resize the images to one size"
+            )
 
 
 def _unroute(a: Tensor, g: Tensor, rows: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -293,6 +309,7 @@ def score(
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
             for chunk in batches(samples, batch_size):
                 batch = model.encode(chunk).to(model.device)
+                _check_images_split_evenly(batch)
                 collector.batch = batch
                 losses = loss_fn(model.forward(batch), batch)
                 total = losses.sum()

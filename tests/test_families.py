@@ -20,7 +20,7 @@ from canfast.sites import parse_site_name, select
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-FAMILIES = tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES
+FAMILIES = tm.NEW_VLM_FAMILIES + tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES
 
 H, F, L, E = tm.HIDDEN, tm.FFN, tm.LAYERS, tm.EXPERTS
 DENSE = {"out": (3 * L, L * (2 * F + H)), "mid": (L, L * F)}
@@ -38,6 +38,57 @@ SITE_MAP = {
         "mid": (L * (E + 1), L * E * F // 2 + L * F),
     },
 }
+
+# Vision-language families: per unit, per component, (sites, channels). Vision towers of two
+# layers of FFN 32 (Mllama: two local layers and one global), a language model of two layers
+# (Mllama: three, one of them a cross-attention layer), projectors as each family builds them.
+TWO_LAYER = {"out": (4, 96), "mid": (2, 64)}  # fc1/fc2 of 32 -> 16
+GATED = {"out": (6, 160), "mid": (2, 64)}  # gate/up/down of 32, 32, 16
+LLAVA_PROJECTOR = {"out": (2, 32), "mid": (1, 16)}
+ONE_LINEAR = {"out": (1, 16), "mid": (0, 0)}
+VLM_SITE_MAP = {
+    "blip-2": {
+        "vision": TWO_LAYER,
+        "qformer": TWO_LAYER,
+        "projector": ONE_LINEAR,
+        "language": TWO_LAYER,
+    },
+    "llava_next": {"vision": TWO_LAYER, "projector": LLAVA_PROJECTOR, "language": GATED},
+    "llava_onevision": {"vision": TWO_LAYER, "projector": LLAVA_PROJECTOR, "language": GATED},
+    # The merger: [4 * 16] -> 64 -> 16.
+    "qwen2_vl": {
+        "vision": TWO_LAYER,
+        "projector": {"out": (2, 80), "mid": (1, 64)},
+        "language": GATED,
+    },
+    "qwen2_5_vl": {
+        "vision": GATED,
+        "projector": {"out": (2, 80), "mid": (1, 64)},
+        "language": GATED,
+    },
+    # The merger and one deepstack merger.
+    "qwen3_vl": {
+        "vision": TWO_LAYER,
+        "projector": {"out": (4, 160), "mid": (2, 128)},
+        "language": GATED,
+    },
+    "paligemma": {"vision": TWO_LAYER, "projector": ONE_LINEAR, "language": GATED},
+    "gemma3": {"vision": TWO_LAYER, "language": GATED},
+    "idefics3": {"vision": TWO_LAYER, "projector": ONE_LINEAR, "language": GATED},
+    "smolvlm": {"vision": TWO_LAYER, "projector": ONE_LINEAR, "language": GATED},
+    "mllama": {
+        "vision": {"out": (6, 144), "mid": (3, 96)},
+        "projector": ONE_LINEAR,
+        "language": {"out": (9, 240), "mid": (3, 96)},
+    },
+    "internvl": {"vision": TWO_LAYER, "projector": LLAVA_PROJECTOR, "language": GATED},
+    "mistral3": {"vision": GATED, "projector": LLAVA_PROJECTOR, "language": GATED},
+}
+for _family, _components in VLM_SITE_MAP.items():
+    SITE_MAP[_family] = {
+        unit: tuple(sum(c[unit][i] for c in _components.values()) for i in (0, 1))
+        for unit in ("out", "mid")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +123,17 @@ def test_site_map(models, family):
             )
             assert parsed.expert == site.expert
     names = [s.name for s in model.all_sites("out")]
-    if family in tm.MOE_FAMILIES:
+    if family in VLM_SITE_MAP:
+        for component, expected in VLM_SITE_MAP[family].items():
+            for unit in ("out", "mid"):
+                chosen = [s for s in model.all_sites(unit) if s.component == component]
+                got = (len(chosen), sum(s.channels for s in chosen))
+                assert got == expected[unit], (component, unit)
+                layers = sorted({s.layer for s in chosen})
+                assert layers == list(range(len(layers)))
+        assert sorted({s.component for s in model.all_sites("out")}) == sorted(VLM_SITE_MAP[family])
+        assert sorted(VLM_SITE_MAP[family]) == sorted(model.adapter.components)
+    elif family in tm.MOE_FAMILIES:
         assert f"language.{L - 1}.e{E - 1}.down" in names
         assert "language.0.e0.gate" in names
         downs = select(model.all_sites("out"), "language.*.down")

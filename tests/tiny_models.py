@@ -525,3 +525,546 @@ BUILDERS.update(
         ),
     }
 )
+
+
+# ----- families of issue 11: current vision-language models ----------------------------------
+
+NEW_VLM_FAMILIES = (
+    "blip-2",
+    "llava_next",
+    "llava_onevision",
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "paligemma",
+    "gemma3",
+    "idefics3",
+    "smolvlm",
+    "mllama",
+    "internvl",
+    "mistral3",
+)
+
+
+def _without_video(processor_class):
+    """``processor_class`` accepting no video processor: transformers' video processors need
+    torchvision, which is not installed here, and its class check looks them up even for None."""
+
+    class Processor(processor_class):
+        def check_argument_for_proper_class(self, argument_name, argument):
+            if argument is None:
+                return None
+            return super().check_argument_for_proper_class(argument_name, argument)
+
+    Processor.__name__ = processor_class.__name__
+    return Processor
+
+
+def _tokenizer_with(*specials: str, image_token: str | None = None, style: str = "llama"):
+    """The word-level tokenizer plus special tokens; ``image_token`` also names the tokenizer's
+    ``image_token`` (processors look for it)."""
+    from tokenizers import AddedToken
+
+    tok = tokenizer(style)
+    tok.add_tokens(
+        [AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True
+    )
+    if image_token is not None:
+        tok.image_token = image_token
+        tok.image_token_id = tok.convert_tokens_to_ids(image_token)
+    return tok
+
+
+def _vision(config_class, **extra):
+    kwargs = dict(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    kwargs.update(extra)
+    return config_class(**kwargs)
+
+
+def _text(config_class, tok, **extra):
+    return _text_config(config_class, tok, **extra)
+
+
+def _blip2():
+    from transformers import (
+        Blip2Config,
+        Blip2ForConditionalGeneration,
+        Blip2Processor,
+        Blip2QFormerConfig,
+        Blip2VisionConfig,
+        OPTConfig,
+    )
+    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
+
+    tok = tokenizer("llama")
+    processor = Blip2Processor(
+        image_processor=BlipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok,
+        num_query_tokens=NUM_QUERY_TOKENS,
+    )
+    text = OPTConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        ffn_dim=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        word_embed_proj_dim=HIDDEN,
+        max_position_embeddings=128,
+        dropout=0.0,
+        attention_dropout=0.0,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    config = Blip2Config(
+        vision_config=_vision(Blip2VisionConfig),
+        qformer_config=Blip2QFormerConfig(
+            vocab_size=len(tok),
+            hidden_size=HIDDEN,
+            num_hidden_layers=LAYERS,
+            num_attention_heads=2,
+            intermediate_size=FFN,
+            cross_attention_frequency=1,
+            encoder_hidden_size=HIDDEN,
+        ),
+        text_config=text,
+        num_query_tokens=NUM_QUERY_TOKENS,
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+    )
+    return Blip2ForConditionalGeneration(config), processor
+
+
+def _llava_next():
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextProcessor,
+    )
+    from transformers.models.llava_next.image_processing_pil_llava_next import (
+        LlavaNextImageProcessorPil,
+    )
+
+    tok = _tokenizer_with(IMAGE_TOKEN, image_token=IMAGE_TOKEN)
+    grid = [[IMAGE_SIZE, IMAGE_SIZE]]
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(
+            size={"shortest_edge": IMAGE_SIZE},
+            crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+            image_grid_pinpoints=grid,
+        ),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        vision_feature_select_strategy="default",
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=1,
+    )
+    config = LlavaNextConfig(
+        vision_config=_vision(CLIPVisionConfig, projection_dim=HIDDEN),
+        text_config=_text(LlamaConfig, tok),
+        image_token_index=tok.image_token_id,
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    return LlavaNextForConditionalGeneration(config), processor
+
+
+def _llava_onevision():
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+    from transformers.models.llava_onevision.image_processing_pil_llava_onevision import (
+        LlavaOnevisionImageProcessorPil,
+    )
+
+    tok = _tokenizer_with(IMAGE_TOKEN, "<video>", "<|im_start|>", "<|im_end|>")
+    grid = [[IMAGE_SIZE, IMAGE_SIZE]]
+    processor = _without_video(LlavaOnevisionProcessor)(
+        image_processor=LlavaOnevisionImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=grid
+        ),
+        tokenizer=tok,
+        num_image_tokens=NUM_PATCHES,
+        vision_feature_select_strategy="full",
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=_vision(SiglipVisionConfig, vision_use_head=False),
+        text_config=_text(Qwen2Config, tok),
+        image_token_index=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        video_token_index=tok.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=grid,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+    )
+    return LlavaOnevisionForConditionalGeneration(config), processor
+
+
+QWEN_SPECIALS = (
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+
+
+def _qwen_vl(version: str):
+    import transformers
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
+        Qwen2VLImageProcessorPil,
+    )
+
+    prefix = {"2": "Qwen2VL", "2.5": "Qwen2_5_VL", "3": "Qwen3VL"}[version]
+    tok = _tokenizer_with(*QWEN_SPECIALS)
+    patch = 4 if version != "3" else PATCH_SIZE
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=patch,
+        merge_size=2,
+        temporal_patch_size=2,
+        size={"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE},
+    )
+    processor = _without_video(getattr(transformers, f"{prefix}Processor"))(
+        image_processor=image_processor, tokenizer=tok, video_processor=None
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
+    text = dict(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        rope_parameters={"rope_type": "default", "mrope_section": [1, 1, 2]},
+    )
+    if version == "3":
+        text["head_dim"] = 8
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        }
+        vision = dict(
+            depth=LAYERS,
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_heads=2,
+            out_hidden_size=HIDDEN,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            num_position_embeddings=16,
+            deepstack_visual_indexes=[0],
+        )
+    elif version == "2.5":
+        vision = dict(
+            depth=LAYERS,
+            hidden_size=HIDDEN,
+            intermediate_size=FFN,
+            num_heads=2,
+            out_hidden_size=HIDDEN,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=IMAGE_SIZE,
+            fullatt_block_indexes=[LAYERS - 1],
+        )
+    else:
+        vision = dict(
+            depth=LAYERS,
+            embed_dim=HIDDEN,
+            hidden_size=HIDDEN,
+            mlp_ratio=FFN // HIDDEN,
+            num_heads=2,
+            patch_size=patch,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        )
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor
+
+
+def _paligemma():
+    from transformers import (
+        GemmaConfig,
+        PaliGemmaConfig,
+        PaliGemmaForConditionalGeneration,
+        PaliGemmaProcessor,
+        SiglipVisionConfig,
+    )
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    tok = _tokenizer_with(IMAGE_TOKEN, image_token=IMAGE_TOKEN)
+    image_processor = SiglipImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor.image_seq_length = NUM_PATCHES
+    processor = PaliGemmaProcessor(image_processor=image_processor, tokenizer=tok)
+    config = PaliGemmaConfig(
+        vision_config=_vision(SiglipVisionConfig, projection_dim=HIDDEN, vision_use_head=False),
+        text_config=_text(GemmaConfig, tok),
+        image_token_index=tok.image_token_id,
+        projection_dim=HIDDEN,
+        hidden_size=HIDDEN,
+    )
+    return PaliGemmaForConditionalGeneration(config), processor
+
+
+def _gemma3():
+    from transformers import (
+        Gemma3Config,
+        Gemma3ForConditionalGeneration,
+        Gemma3Processor,
+        Gemma3TextConfig,
+        SiglipVisionConfig,
+    )
+    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    specials = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
+    tok = _tokenizer_with(*specials, "<start_of_turn>", "<end_of_turn>")
+    tok.boi_token, tok.eoi_token, tok.image_token = specials
+    tok.boi_token_id, tok.eoi_token_id, tok.image_token_id = (
+        tok.convert_tokens_to_ids(t) for t in specials
+    )
+    processor = Gemma3Processor(
+        image_processor=Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
+        tokenizer=tok,
+        image_seq_length=4,
+    )
+    config = Gemma3Config(
+        vision_config=_vision(SiglipVisionConfig, vision_use_head=False),
+        text_config=_text(Gemma3TextConfig, tok, sliding_window=4, layer_types=None),
+        mm_tokens_per_image=4,
+        boi_token_index=tok.boi_token_id,
+        eoi_token_index=tok.eoi_token_id,
+        image_token_index=tok.image_token_id,
+    )
+    return Gemma3ForConditionalGeneration(config), processor
+
+
+def _idefics3(smol: bool):
+    import transformers
+    from transformers import LlamaConfig
+
+    prefix = "SmolVLM" if smol else "Idefics3"
+    module = "smolvlm" if smol else "idefics3"
+    pil = __import__(
+        f"transformers.models.{module}.image_processing_pil_{module}",
+        fromlist=[f"{prefix}ImageProcessorPil"],
+    )
+    specials = ("<fake_token_around_image>", IMAGE_TOKEN, "<end_of_utterance>", "<global-img>")
+    tok = _tokenizer_with(*specials)
+    scale = 2
+    image_seq_len = NUM_PATCHES // scale**2
+    # SmolVLM's own processor imports num2words (not installed here); Idefics3's writes the
+    # same image tokens for a single image without splitting.
+    processor = transformers.Idefics3Processor(
+        image_processor=getattr(pil, f"{prefix}ImageProcessorPil")(
+            do_image_splitting=False,
+            size={"longest_edge": IMAGE_SIZE},
+            max_image_size={"longest_edge": IMAGE_SIZE},
+        ),
+        tokenizer=tok,
+        image_seq_len=image_seq_len,
+    )
+    vision_config = getattr(transformers, f"{prefix}VisionConfig")
+    config = getattr(transformers, f"{prefix}Config")(
+        vision_config=_vision(vision_config),
+        text_config=_text(LlamaConfig, tok),
+        scale_factor=scale,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        pad_token_id=tok.pad_token_id,
+    )
+    return getattr(transformers, f"{prefix}ForConditionalGeneration")(config), processor
+
+
+def _mllama():
+    from transformers import (
+        MllamaConfig,
+        MllamaForConditionalGeneration,
+        MllamaProcessor,
+        MllamaTextConfig,
+        MllamaVisionConfig,
+    )
+    from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil
+
+    tok = _tokenizer_with("<|image|>", "<|python_tag|>")
+    processor = MllamaProcessor(
+        image_processor=MllamaImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, max_image_tiles=1
+        ),
+        tokenizer=tok,
+    )
+    vision = MllamaVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_global_layers=1,
+        attention_heads=2,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+        max_num_tiles=1,
+        vision_output_dim=HIDDEN * 2,
+        intermediate_layers_indices=[0],
+        supported_aspect_ratios=[[1, 1]],
+    )
+    text = MllamaTextConfig(
+        vocab_size=len(tok),
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS + 1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        cross_attention_layers=[1],
+        max_position_embeddings=128,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = MllamaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids("<|image|>"),
+    )
+    return MllamaForConditionalGeneration(config), processor
+
+
+def _internvl():
+    from transformers import (
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVisionConfig,
+        Qwen2Config,
+    )
+    from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import (
+        GotOcr2ImageProcessorPil,
+    )
+
+    specials = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
+    tok = _tokenizer_with(*specials, "<|im_start|>", "<|im_end|>")
+    tok.start_image_token, tok.end_image_token, tok.context_image_token, tok.video_token = specials
+    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = (
+        tok.convert_tokens_to_ids(t) for t in specials[:3]
+    )
+    tok.video_token_id = tok.convert_tokens_to_ids("<video>")
+    scale = 0.5
+    image_seq = int(NUM_PATCHES * scale**2)
+    processor = _without_video(InternVLProcessor)(
+        image_processor=GotOcr2ImageProcessorPil(
+            size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False
+        ),
+        tokenizer=tok,
+        video_processor=None,
+        image_seq_length=image_seq,
+    )
+    config = InternVLConfig(
+        vision_config=_vision(
+            InternVLVisionConfig,
+            image_size=[IMAGE_SIZE, IMAGE_SIZE],
+            patch_size=[PATCH_SIZE, PATCH_SIZE],
+        ),
+        text_config=_text(Qwen2Config, tok),
+        image_token_id=tok.context_image_token_id,
+        downsample_ratio=scale,
+        vision_feature_layer=-1,
+    )
+    return InternVLForConditionalGeneration(config), processor
+
+
+class PixtralStandIn:
+    """What PixtralProcessor does for one image, without it: transformers' Pixtral processor
+    module imports torchvision, which is not installed here. Each ``[IMG]`` of the text becomes
+    rows of ``[IMG]`` tokens (one per merged patch) ended by ``[IMG_BREAK]``, the last by
+    ``[IMG_END]``."""
+
+    def __init__(self, image_processor, tokenizer, patch_size: int, spatial_merge_size: int):
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.step = patch_size * spatial_merge_size
+
+    def __call__(self, images, text, return_tensors="pt"):
+        pixels = self.image_processor(images, patch_size=self.step, return_tensors="pt")
+        texts = []
+        for line, (height, width) in zip(text, pixels["image_sizes"].tolist(), strict=True):
+            row = "[IMG]" * (width // self.step) + "[IMG_BREAK]"
+            tokens = (row * (height // self.step))[: -len("[IMG_BREAK]")] + "[IMG_END]"
+            texts.append(line.replace("[IMG]", tokens, 1))
+        return {**self.tokenizer(texts, return_tensors=return_tensors), **pixels}
+
+
+def _mistral3():
+    from transformers import (
+        Mistral3Config,
+        Mistral3ForConditionalGeneration,
+        MistralConfig,
+        PixtralVisionConfig,
+    )
+    from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
+
+    specials = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
+    tok = _tokenizer_with(*specials)
+    processor = PixtralStandIn(
+        PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}), tok, PATCH_SIZE, 2
+    )
+    vision = PixtralVisionConfig(
+        hidden_size=HIDDEN,
+        intermediate_size=FFN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=2,
+        head_dim=8,
+        image_size=IMAGE_SIZE,
+        patch_size=PATCH_SIZE,
+    )
+    config = Mistral3Config(
+        vision_config=vision,
+        text_config=_text(MistralConfig, tok),
+        image_token_index=tok.convert_tokens_to_ids("[IMG]"),
+        spatial_merge_size=2,
+        vision_feature_layer=-1,
+    )
+    return Mistral3ForConditionalGeneration(config), processor
+
+
+BUILDERS.update(
+    {
+        "blip-2": _blip2,
+        "llava_next": _llava_next,
+        "llava_onevision": _llava_onevision,
+        "qwen2_vl": lambda: _qwen_vl("2"),
+        "qwen2_5_vl": lambda: _qwen_vl("2.5"),
+        "qwen3_vl": lambda: _qwen_vl("3"),
+        "paligemma": _paligemma,
+        "gemma3": _gemma3,
+        "idefics3": lambda: _idefics3(False),
+        "smolvlm": lambda: _idefics3(True),
+        "mllama": _mllama,
+        "internvl": _internvl,
+        "mistral3": _mistral3,
+    }
+)
+VLM_FAMILIES = VLM_FAMILIES + NEW_VLM_FAMILIES

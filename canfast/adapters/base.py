@@ -61,6 +61,7 @@ class Adapter:
     blocks: tuple[Block, ...] = ()
     components: tuple[str, ...] = ("language",)
     notes: str = ""
+    target_token_type: int = 0
 
 
 @dataclass(frozen=True)

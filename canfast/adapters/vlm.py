@@ -17,9 +17,10 @@ def _language_stream(path: str) -> str | None:
 
 def _seq2seq_stream(path: str) -> str | None:
     # BLIP-2 with Flan-T5: the decoder runs over the target tokens, the encoder over the prompt.
+    # OPT's layers also sit under a "decoder", but it is a decoder-only model.
     if component_by_keyword(path) != "language":
         return None
-    return "decoder" if ".decoder." in f".{path}." else "language"
+    return "decoder" if ".decoder.block." in f".{path}." else "language"
 
 
 def _vlm(family: str, model_types: tuple[str, ...], template: str, **extra) -> Adapter:
@@ -67,9 +68,10 @@ QWEN_VL = _vlm(
 PALIGEMMA = _vlm(
     "paligemma",
     ("paligemma",),
-    "{prompt}\n",
+    "{prompt}",
     extra_single_sites=(("model.multi_modal_projector.linear", "down"),),
-    notes="the processor puts the image tokens first; the projector is one Linear",
+    target_token_type=1,  # its token type ids mark the suffix (the answer) with 1
+    notes="the processor writes the image tokens, BOS and the newline; the projector is one Linear",
 )
 GEMMA3 = _vlm(
     "gemma3",
@@ -96,7 +98,7 @@ MLLAMA = _vlm(
 INTERNVL = _vlm(
     "internvl",
     ("internvl",),
-    "<|im_start|>user\n<image>\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+    "<|im_start|>user\n<IMG_CONTEXT>\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
 )
 MISTRAL3 = _vlm(
     "mistral3",
