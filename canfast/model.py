@@ -113,19 +113,20 @@ class Model:
         processor,
         name: str | None = None,
         prompt_template: str | None = None,
+        ffn_map: dict | str | Path | None = None,
     ) -> None:
         self.hf = hf_model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
-        self.adapter: Adapter = adapter_for(hf_model.config.model_type)
+        self.adapter: Adapter = adapter_for(hf_model.config.model_type, ffn_map)
         self.prompt_template = prompt_template or self.adapter.prompt_template
         self.task = self.adapter.task
         text_config = getattr(hf_model.config, "text_config", hf_model.config)
         if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
             self.task = "seq2seq"
         self._sites: dict[str, list[Site]] = {}
-        if self.tokenizer.pad_token_id is None:
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is None:
             # Padding positions are always masked out, so any id will do as long as one exists.
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
         if not self.all_sites("out"):
@@ -368,26 +369,74 @@ def load(
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    ffn_map: dict | str | Path | None = None,
 ) -> Model:
     """Load a model and its processor (or tokenizer) by Hub id, local path or ``builtin:NAME``.
 
     Works offline for local paths and for cached models with ``HF_HUB_OFFLINE=1``. Remote code is
-    never trusted unless ``trust_remote_code=True``.
+    never trusted unless ``trust_remote_code=True``. ``ffn_map`` describes the FFN blocks of a
+    family canfast has no rule for (:mod:`canfast.adapters.user_map`). A ``config.json`` file
+    gives the model's architecture alone, on the meta device: no weights, no processor; enough
+    for its site map (``canfast sites --model CONFIG.json``), not to run it.
     """
     dtype = _torch_dtype(dtype)
+    if name_or_path.endswith(".json") and Path(name_or_path).expanduser().is_file():
+        hf_model = architecture_from_config(name_or_path, ffn_map)
+        return Model(hf_model, None, name=name_or_path, ffn_map=ffn_map)
     if name_or_path.startswith("builtin:"):
         from canfast.zoo import load_builtin_model
 
         hf_model, processor = load_builtin_model(name_or_path.removeprefix("builtin:"), dtype)
     else:
-        hf_model, processor = _load_pretrained(name_or_path, dtype, device_map, trust_remote_code)
+        hf_model, processor = _load_pretrained(
+            name_or_path, dtype, device_map, trust_remote_code, ffn_map
+        )
     if device is not None and device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    return Model(hf_model, processor, name=name_or_path)
+    return Model(hf_model, processor, name=name_or_path, ffn_map=ffn_map)
 
 
-def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool):
+def _auto_model_class(adapter: Adapter, config):
+    import transformers
+
+    if adapter.uses_images:
+        return transformers.AutoModelForImageTextToText
+    task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else adapter.task
+    return {
+        "causal": transformers.AutoModelForCausalLM,
+        "seq2seq": transformers.AutoModelForSeq2SeqLM,
+        "masked": transformers.AutoModelForMaskedLM,
+    }[task]
+
+
+def architecture_from_config(path: str | Path, ffn_map=None) -> nn.Module:
+    """The model a ``config.json`` describes, built on the meta device: shapes, no weights."""
+    from transformers import AutoConfig
+
+    path = Path(path).expanduser()
+    try:
+        fields = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise BadInput(f"config {path}: cannot read it as JSON ({exc})") from None
+    if not isinstance(fields, dict) or not isinstance(fields.get("model_type"), str):
+        raise BadInput(f"config {path}: no 'model_type' field")
+    model_type = fields.pop("model_type")
+    from transformers import CONFIG_MAPPING
+
+    if model_type not in CONFIG_MAPPING:
+        raise BadInput(f"config {path}: model_type {model_type!r} is unknown to transformers")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(f"config {path}: {first}") from None
+    auto_model = _auto_model_class(adapter_for(model_type, ffn_map), config)
+    with torch.device("meta"):
+        return auto_model.from_config(config)
+
+
+def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool, ffn_map=None):
     import transformers
     from transformers import AutoConfig
 
@@ -399,20 +448,11 @@ def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BadInput(f"cannot load model {name!r}: {first}") from None
-    adapter = adapter_for(config.model_type)
-    task = adapter.task
-    if getattr(config, "is_encoder_decoder", False):
-        task = "seq2seq"
-    if adapter.uses_images:
-        auto_model = transformers.AutoModelForImageTextToText
-        auto_processor = transformers.AutoProcessor
-    else:
-        auto_model = {
-            "causal": transformers.AutoModelForCausalLM,
-            "seq2seq": transformers.AutoModelForSeq2SeqLM,
-            "masked": transformers.AutoModelForMaskedLM,
-        }[task]
-        auto_processor = transformers.AutoTokenizer
+    adapter = adapter_for(config.model_type, ffn_map)
+    auto_model = _auto_model_class(adapter, config)
+    auto_processor = (
+        transformers.AutoProcessor if adapter.uses_images else transformers.AutoTokenizer
+    )
     kwargs = {"trust_remote_code": trust_remote_code}
     if dtype is not None:
         kwargs["dtype"] = dtype

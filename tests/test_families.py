@@ -6,6 +6,8 @@ transformers' own, per-expert scores averaged over the routed tokens, and batche
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 
 import pytest
 import tiny_models as tm
@@ -349,3 +351,116 @@ def test_short_sweep(models, family):
     with masked(model, top, mode="weight"):
         ppl8 = evaluate(model, samples, batch_size=2)[0].ppl
     assert result.curve.ppl[result.curve.k.index(8)] == pytest.approx(ppl8, rel=1e-5)
+
+
+# ----- a family canfast does not know, described by the user -----------------------------------
+
+GPTJ_MAP = {
+    "blocks": [{"path": "transformer.h.*.mlp", "linears": {"fc_in": "up", "fc_out": "down"}}]
+}
+
+
+def test_unknown_family_is_one_clear_line():
+    hf, tok = tm.build("gptj")
+    with pytest.raises(canfast.BadInput) as error:
+        canfast.Model(hf, tok)
+    message = str(error.value)
+    assert "\n" not in message
+    assert "'gptj'" in message and "--sites-map" in message
+
+
+@pytest.mark.parametrize("as_file", [False, True])
+def test_user_map_describes_ffn_blocks(tmp_path, as_file):
+    hf, tok = tm.build("gptj")
+    ffn_map = GPTJ_MAP
+    if as_file:
+        ffn_map = tmp_path / "map.json"
+        ffn_map.write_text(json.dumps(GPTJ_MAP))
+    model = canfast.Model(hf.double(), tok, ffn_map=ffn_map)
+    names = [s.name for s in model.all_sites("out")]
+    assert names == [f"language.{i}.{k}" for i in range(L) for k in ("up", "down")]
+    assert [s.channels for s in model.all_sites("out")] == [F, H] * L
+    assert [s.channels for s in model.all_sites("mid")] == [F] * L
+    assert model.site("language.1.down").module is hf.transformer.h[1].mlp.fc_out
+    # It scores like any family: against the float64 reference.
+    hf.requires_grad_(True)
+    samples = tm.samples("gptj", 3)
+    records = capture(model, samples, "out")
+    expected = reduce(records, 0.5, names)
+    scores = canfast.score(
+        model, samples, targets="given", batch_size=2, backend="torch", progress=False
+    )
+    for name, value in expected.items():
+        torch.testing.assert_close(scores[name].double(), value, rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize(
+    ("ffn_map", "words"),
+    [
+        ({}, "'blocks'"),
+        ({"blocks": [{"linears": {"fc_in": "up"}}]}, "'path'"),
+        ({"blocks": [{"path": "x", "linears": {"fc_in": "middle"}}]}, "'middle'"),
+        ({"blocks": [{"path": "x", "linears": {"a": "up"}, "component": "eye"}]}, "'eye'"),
+        ({"blocks": [{"path": "x", "linears": {"a": "up"}}], "task": "vqa"}, "'vqa'"),
+        ({"blocks": [{"path": "nothing.*", "linears": {"fc_in": "up"}}]}, "no feed-forward"),
+        ("missing.json", "cannot read"),
+    ],
+)
+def test_bad_user_maps(tmp_path, ffn_map, words):
+    hf, tok = tm.build("gptj")
+    if isinstance(ffn_map, str):
+        ffn_map = tmp_path / ffn_map
+    with pytest.raises(canfast.BadInput, match=words):
+        canfast.Model(hf, tok, ffn_map=ffn_map)
+
+
+# ----- site maps of real configurations, from the config alone ----------------------------------
+
+CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"
+
+
+def test_config_builds_on_the_meta_device():
+    model = canfast.load(str(CONFIGS / "mixtral-8x7b.json"))
+    assert all(p.is_meta for p in model.hf.parameters())
+    sites = model.all_sites("out")
+    assert len(sites) == 32 * 8 * 3
+    assert sum(s.channels for s in sites) == 32 * 8 * (2 * 14336 + 4096)
+    assert model.site("language.31.e7.down").channels == 4096
+    assert sum(s.channels for s in model.all_sites("mid")) == 32 * 8 * 14336
+
+
+def test_every_family_has_a_real_config():
+    """bench/configs holds one real configuration per family of the issue; each loads and
+    reaches the components its adapter declares."""
+    from canfast.adapters import adapter_for
+
+    wanted = set(tm.NEW_VLM_FAMILIES + tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES)
+    seen = set()
+    for path in sorted(CONFIGS.glob("*.json")):
+        model_type = json.loads(path.read_text())["model_type"]
+        seen.add(model_type)
+        model = canfast.load(str(path))
+        components = {s.component for s in model.all_sites("out")}
+        assert components == set(adapter_for(model_type).components), path.name
+    assert wanted <= seen
+
+
+def test_sites_cli_reads_a_config(tmp_path, capsys):
+    from canfast.cli import main
+
+    def run(*args):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    code, out, _ = run("sites", "--model", CONFIGS / "phi-3-mini-4k.json")
+    assert code == 0
+    assert "language.31.gate" in out and "gate_up_proj.gate" in out
+    bad = tmp_path / "config.json"
+    bad.write_text('{"model_type": "no_such_model"}')
+    code, _, err = run("sites", "--model", bad)
+    assert code == 2 and err.count("\n") == 1 and "no_such_model" in err

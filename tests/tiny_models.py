@@ -1068,3 +1068,30 @@ BUILDERS.update(
     }
 )
 VLM_FAMILIES = VLM_FAMILIES + NEW_VLM_FAMILIES
+
+
+def _gptj():
+    """GPT-J: a family canfast has no rule for (FFN ``mlp.fc_in`` / ``mlp.fc_out``)."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    tok = tokenizer("llama")
+    config = GPTJConfig(
+        vocab_size=len(tok),
+        n_embd=HIDDEN,
+        n_inner=FFN,
+        n_layer=LAYERS,
+        n_head=2,
+        rotary_dim=4,
+        n_positions=128,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    return GPTJForCausalLM(config), tok
+
+
+BUILDERS["gptj"] = _gptj

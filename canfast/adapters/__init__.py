@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from canfast.adapters import bert, causal_lm, instructblip, llava, moe, t5, vlm
 from canfast.adapters.base import Adapter, Block, find_sites
+from canfast.adapters.user_map import adapter_from_map
 from canfast.errors import BadInput
 
 ADAPTERS: tuple[Adapter, ...] = (
@@ -21,12 +24,18 @@ def supported_model_types() -> list[str]:
     return sorted(t for a in ADAPTERS for t in a.model_types)
 
 
-def adapter_for(model_type: str) -> Adapter:
+def adapter_for(model_type: str, ffn_map: dict | str | Path | None = None) -> Adapter:
+    """The adapter of ``model_type``, or the one a user's FFN map describes
+    (:mod:`canfast.adapters.user_map`), which takes precedence."""
+    if ffn_map is not None:
+        return adapter_from_map(model_type, ffn_map)
     for adapter in ADAPTERS:
         if model_type in adapter.model_types:
             return adapter
     raise BadInput(
-        f"unsupported architecture {model_type!r}; supported: {', '.join(supported_model_types())}"
+        f"unsupported model type {model_type!r}: canfast has no rule for its feed-forward "
+        "blocks; describe them in a JSON map and pass --sites-map MAP.json "
+        "(Python: ffn_map=...), see README 'Other families'"
     )
 
 
