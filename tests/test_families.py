@@ -464,3 +464,15 @@ def test_sites_cli_reads_a_config(tmp_path, capsys):
     bad.write_text('{"model_type": "no_such_model"}')
     code, _, err = run("sites", "--model", bad)
     assert code == 2 and err.count("\n") == 1 and "no_such_model" in err
+
+
+# ----- the README's families table ------------------------------------------------------------
+
+
+def test_readme_families_table_is_generated_from_the_adapters():
+    from canfast.adapters.table import families_table, readme_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert readme_table(readme) == families_table(), "run: python -m canfast.adapters"
+    for model_type in tm.NEW_VLM_FAMILIES + tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES:
+        assert f"`{model_type}`" in families_table()

@@ -14,6 +14,6 @@ ADAPTER = Adapter(
     task="causal",
     component_of=lambda path: "language",
     stream_of=lambda path: "language",
-    notes="expert k of layer l: language.l.ek.<kind>; shared expert: language.l.shared.<kind>; "
-    "scores average over the tokens routed to the expert",
+    notes="expert k of layer l: `language.l.ek.KIND`, shared expert: `language.l.shared.KIND`; "
+    "an expert's scores average over the tokens routed to it",
 )

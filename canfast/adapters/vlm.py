@@ -99,6 +99,7 @@ INTERNVL = _vlm(
     "internvl",
     ("internvl",),
     "<|im_start|>user\n<IMG_CONTEXT>\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+    notes="InternViT tower; the pixel-shuffle projector's two Linears",
 )
 MISTRAL3 = _vlm(
     "mistral3",
