@@ -555,3 +555,62 @@ def test_a_registered_strategy_writes_its_own_files(llava_run, tmp_path, monkeyp
             out=tmp_path / "other",
         )
     assert not (tmp_path / "other").exists()
+
+
+# ----- custom objectives and stacked mask batches -----------------------------------------------
+
+
+def in_batch_contrastive(outputs, batch):
+    """Each sample's mean-pooled logits must pick out itself among the batch: a loss that
+    compares the samples of one batch with each other, like a sentence encoder's."""
+    valid = batch.valid["language"].unsqueeze(-1).float()
+    pooled = (outputs.logits.float() * valid).sum(1) / valid.sum(1)
+    z = torch.nn.functional.normalize(pooled, dim=-1)
+    logits = z @ z.T / 0.05
+    target = torch.arange(batch.size, device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+
+def test_stacked_masks_give_a_custom_objective_one_block_at_a_time(llava_run):
+    model, samples, scores, _ = llava_run
+    order = scores.ranking()
+    sets = [order[:k] for k in (0, 5, 40, 200)]
+    with masked(model, sets, backend="torch"):
+        stacked = evaluate(model, samples, 3, in_batch_contrastive, masks=len(sets))
+    for neurons, got in zip(sets, stacked, strict=True):
+        with masked(model, neurons, backend="torch"):
+            alone = evaluate(model, samples, 3, in_batch_contrastive)[0]
+        assert got.tokens == alone.tokens == len(samples)
+        assert got.nll == pytest.approx(alone.nll, rel=1e-5)
+    assert len({round(e.nll, 6) for e in stacked}) == len(sets)
+
+
+def test_contrastive_sweep_is_the_same_for_any_masks_per_pass(llava_run):
+    model, samples, scores, _ = llava_run
+    results = [
+        canfast.sweep(
+            model,
+            samples,
+            scores,
+            schedule=[1, 4, 16, 64, 200],
+            tau=0.5,
+            onset=1.05,
+            seeds=1,
+            targets="given",
+            batch_size=3,
+            masks_per_pass=m,
+            generations=0,
+            objective=in_batch_contrastive,
+            backend="torch",
+            progress=False,
+        )
+        for m in (1, 4)
+    ]
+    one, four = results
+    assert one.ppl0 == pytest.approx(four.ppl0, rel=1e-6)
+    for ordering in ((one.curve, four.curve), (one.random[0], four.random[0])):
+        ppl = [dict(zip(c.k, c.ppl, strict=True)) for c in ordering]
+        common = sorted(set(ppl[0]) & set(ppl[1]))
+        assert {1, 4} <= set(common)
+        assert [ppl[1][k] for k in common] == pytest.approx([ppl[0][k] for k in common], rel=1e-5)
+        assert (ordering[0].k1, ordering[0].k_star) == (ordering[1].k1, ordering[1].k_star)
