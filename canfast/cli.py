@@ -76,6 +76,13 @@ MODEL = OptionGroup(
     option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)."),
     option("--device-map", default=None, help="Passed to transformers, e.g. auto."),
     option("--trust-remote-code", is_flag=True, help="Run the model repository's own code."),
+    option(
+        "--sites-map",
+        "ffn_map",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="JSON map of the FFN blocks of a family canfast has no rule for (README).",
+    ),
 )
 SITES = OptionGroup(
     lambda unit, patterns, components, kinds: SiteConfig(

@@ -42,7 +42,8 @@ class ModelConfig:
     """Which model to load and where: a Hub id, a local directory or ``builtin:NAME``.
 
     ``quiet`` keeps transformers' advisory warnings and progress bars off a terminal that is
-    not one (the command line sets it).
+    not one (the command line sets it). ``ffn_map`` describes the FFN blocks of a family
+    canfast has no rule for (a JSON file or a dict, :mod:`canfast.adapters.user_map`).
     """
 
     name: str = DEFAULT_MODEL
@@ -51,6 +52,7 @@ class ModelConfig:
     device_map: str | None = None
     trust_remote_code: bool = False
     quiet: bool = False
+    ffn_map: str | dict | None = None
 
     def load(self) -> Model:
         if self.quiet:
@@ -66,6 +68,7 @@ class ModelConfig:
             device=self.device,
             device_map=self.device_map,
             trust_remote_code=self.trust_remote_code,
+            ffn_map=self.ffn_map,
         )
 
 

@@ -414,6 +414,29 @@ def test_bad_user_maps(tmp_path, ffn_map, words):
         canfast.Model(hf, tok, ffn_map=ffn_map)
 
 
+def test_sites_map_on_the_command_line(tmp_path, capsys):
+    from canfast.cli import main
+
+    hf, tok = tm.build("gptj")
+    hf.save_pretrained(tmp_path / "gptj")
+    tok.save_pretrained(tmp_path / "gptj")
+    (tmp_path / "map.json").write_text(json.dumps(GPTJ_MAP))
+
+    def run(*args):
+        try:
+            main([str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = exc.code
+        return code, *capsys.readouterr()
+
+    code, out, _ = run("sites", "--model", tmp_path / "gptj", "--sites-map", tmp_path / "map.json")
+    assert code == 0
+    assert "language.1.down" in out and "transformer.h.1.mlp.fc_out" in out
+    code, _, err = run("sites", "--model", tmp_path / "gptj")
+    assert code == 2 and err.count("\n") == 1 and "'gptj'" in err
+
+
 # ----- site maps of real configurations, from the config alone ----------------------------------
 
 CONFIGS = Path(__file__).resolve().parent.parent / "bench" / "configs"

@@ -33,8 +33,8 @@ def adapter_for(model_type: str, ffn_map: dict | str | Path | None = None) -> Ad
         if model_type in adapter.model_types:
             return adapter
     raise BadInput(
-        f"unsupported model type {model_type!r}: canfast has no rule for its feed-forward "
-        "blocks; describe them in a JSON map and pass --sites-map MAP.json "
+        f"unsupported architecture: canfast has no rule for the feed-forward blocks of model "
+        f"type {model_type!r}; describe them in a JSON map and pass --sites-map MAP.json "
         "(Python: ffn_map=...), see README 'Other families'"
     )
 
