@@ -499,3 +499,40 @@ def test_readme_families_table_is_generated_from_the_adapters():
     assert readme_table(readme) == families_table(), "run: python -m canfast.adapters"
     for model_type in tm.NEW_VLM_FAMILIES + tm.NEW_TEXT_FAMILIES + tm.MOE_FAMILIES:
         assert f"`{model_type}`" in families_table()
+
+
+# ----- the report counts top neurons per expert -----------------------------------------------
+
+
+def test_report_counts_top_neurons_per_expert(models, tmp_path):
+    from canfast.report.html import placement_section
+    from canfast.report.placement import placement
+    from canfast.report.run import Run
+
+    model = model_of(models, "qwen2_moe")
+    samples = tm.samples("qwen2_moe", 2)
+    scores = canfast.score(model, samples, targets="given", backend="torch", progress=False)
+    ranking = scores.ranking()
+    k = 40
+    top = [(s, c, v) for (s, c), v in zip(ranking.neurons, ranking.scores, strict=True)]
+    run = Run(tmp_path, {"k_star": k}, scores, top)
+    place = placement(run)
+    groups = [c.group for c in place.by_expert]
+    assert groups == [f"e{e}" for e in range(E)] + ["shared"]
+    expected = {g: 0 for g in groups}
+    for site, _ in ranking.neurons[:k]:
+        expected[parse_site_name(site).expert] += 1
+    assert {c.group: c.count for c in place.by_expert} == expected
+    per_expert = L * ((F // 2) * 2 + H)
+    assert [c.total for c in place.by_expert] == [per_expert] * E + [L * (2 * F + H)]
+    assert "per expert" in placement_section(run, place, [])
+    # Dense models get no per-expert table.
+    dense = placement(Run(tmp_path, {"k_star": 4}, scores_of(models, "qwen3"), []))
+    assert dense.by_expert == []
+
+
+def scores_of(models, family):
+    model = model_of(models, family)
+    return canfast.score(
+        model, tm.samples(family, 2), targets="given", backend="torch", progress=False
+    )

@@ -202,6 +202,8 @@ def placement_section(run: Run, place: Placement | None, images: Sequence[Image]
     parts.append(table(headers, _count_rows(place.by_component), "per component", None, "by-comp"))
     parts.append(table(headers, _count_rows(place.by_kind), "per kind", None, "by-kind"))
     parts.append(table(headers, _count_rows(place.by_layer), "per layer", None, "by-layer"))
+    if place.by_expert:
+        parts.append(table(headers, _count_rows(place.by_expert), "per expert", None, "by-expert"))
     parts.append("</div>")
     stats = run.scores.stats if run.scores is not None else {}
     rows = []

@@ -37,6 +37,7 @@ class Placement:
     by_component: list[Count] = field(default_factory=list)
     by_kind: list[Count] = field(default_factory=list)
     by_layer: list[Count] = field(default_factory=list)
+    by_expert: list[Count] = field(default_factory=list)  # mixture-of-experts models only
 
 
 def placement(run: Run) -> Placement:
@@ -47,13 +48,17 @@ def placement(run: Run) -> Placement:
     if run.scores is not None:
         sizes = {name: int(t.numel()) for name, t in run.scores.values.items()}
 
-    def group(key) -> list[Count]:
+    def group(key, order=None) -> list[Count]:
         counts: Counter[str] = Counter(key(SiteName.parse(site)) for site, _, _ in neurons)
         totals: Counter[str] = Counter()
         for name, size in sizes.items():
             totals[key(SiteName.parse(name))] += size
-        groups = set(counts) | set(totals)
-        return [Count(g, counts.get(g, 0), totals.get(g) or None) for g in _ordered(groups)]
+        groups = (set(counts) | set(totals)) - {None}
+        ordered = sorted(groups, key=order) if order else _ordered(groups)
+        return [Count(g, counts.get(g, 0), totals.get(g) or None) for g in ordered]
+
+    def expert_order(g: str) -> tuple:
+        return (g == "shared", int(g[1:]) if g[1:].isdigit() else -1, g)
 
     return Placement(
         k=k,
@@ -61,6 +66,7 @@ def placement(run: Run) -> Placement:
         by_component=group(lambda s: s.component),
         by_kind=group(lambda s: s.kind),
         by_layer=group(lambda s: s.component if s.layer is None else f"{s.component}.{s.layer}"),
+        by_expert=group(lambda s: s.expert, expert_order),
     )
 
 

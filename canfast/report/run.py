@@ -25,18 +25,22 @@ DEFAULT_TOP_K = 16
 
 @dataclass(frozen=True)
 class SiteName:
-    """The parts of ``<component>.<layer>.<kind>``; odd names keep the whole name as component."""
+    """The parts of ``<component>.<layer>[.<expert>].<kind>``; odd names keep the whole name as
+    component. ``expert`` is ``e<k>`` or ``shared`` for mixture-of-experts sites."""
 
     name: str
     component: str
     layer: int | None
     kind: str
+    expert: str | None = None
 
     @classmethod
     def parse(cls, name: str) -> SiteName:
         parts = name.split(".")
         if len(parts) == 3 and parts[1].isdigit():
             return cls(name, parts[0], int(parts[1]), parts[2])
+        if len(parts) == 4 and parts[1].isdigit():
+            return cls(name, parts[0], int(parts[1]), parts[3], parts[2])
         return cls(name, name, None, "?")
 
     def sort_key(self) -> tuple:
