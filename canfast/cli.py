@@ -83,6 +83,16 @@ MODEL = OptionGroup(
         default=None,
         help="JSON map of the FFN blocks of a family canfast has no rule for (README).",
     ),
+    option(
+        "--prompt-template",
+        default=None,
+        help="Prompt text around {prompt}, instead of the model's chat template.",
+    ),
+    option(
+        "--chat-template/--no-chat-template",
+        default=True,
+        help="Write prompts with the model's own chat template when it has one (default).",
+    ),
 )
 SITES = OptionGroup(
     lambda unit, patterns, components, kinds: SiteConfig(

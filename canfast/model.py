@@ -17,39 +17,13 @@ import torch
 from torch import Tensor, nn
 
 from canfast.adapters import Adapter, adapter_for, find_sites
+from canfast.adapters.chat import chat_prompt, has_chat_template
+from canfast.adapters.tokens import TOKEN_KEYS, extend_tokens
 from canfast.data import Sample
 from canfast.errors import BadInput
 from canfast.sites import UNITS, Site, select
 
 IGNORE = -100
-# Inputs that run along the token sequence ([B, T, ...]): padded with it, extended by targets.
-TOKEN_KEYS = (
-    "input_ids",
-    "attention_mask",
-    "token_type_ids",
-    "mm_token_type_ids",
-    "cross_attention_mask",
-)
-
-
-def _extend_tokens(encoded: dict[str, Tensor], target: Tensor, token_type: int) -> None:
-    """Append ``target`` ([1, n] ids) to a prompt's encoding, and every per-token input with it:
-    attention 1, token type ``token_type`` (PaliGemma marks its suffix with 1), and Mllama's
-    cross-attention mask repeated from the last prompt token (answers see the image too)."""
-    n = target.shape[1]
-    encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
-    for key in TOKEN_KEYS[1:]:
-        if key not in encoded:
-            continue
-        t = encoded[key]
-        if key == "attention_mask":
-            tail = torch.ones_like(t[:, :1]).expand(-1, n)
-        elif key == "cross_attention_mask":
-            tail = t[:, -1:].expand(-1, n, *t.shape[2:])
-        else:
-            tail = torch.full_like(t[:, :1], token_type if key == "token_type_ids" else 0)
-            tail = tail.expand(-1, n)
-        encoded[key] = torch.cat([t, tail], dim=1)
 
 
 @dataclass
@@ -114,13 +88,20 @@ class Model:
         name: str | None = None,
         prompt_template: str | None = None,
         ffn_map: dict | str | Path | None = None,
+        chat_template: bool = True,
     ) -> None:
         self.hf = hf_model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.adapter: Adapter = adapter_for(hf_model.config.model_type, ffn_map)
+        if prompt_template is not None and "{prompt}" not in prompt_template:
+            raise BadInput(f"prompt template {prompt_template!r} has no {{prompt}} in it")
         self.prompt_template = prompt_template or self.adapter.prompt_template
+        # The model's own chat template, unless a template is given or it is turned off.
+        self.chat_template = (
+            chat_template and prompt_template is None and has_chat_template(processor)
+        )
         self.task = self.adapter.task
         text_config = getattr(hf_model.config, "text_config", hf_model.config)
         if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
@@ -195,6 +176,8 @@ class Model:
     def prompt_text(self, sample: Sample) -> str:
         if "<image>" in sample.prompt:
             return sample.prompt
+        if self.chat_template:
+            return chat_prompt(self.processor, sample.prompt, self.adapter.uses_images)
         return self.prompt_template.format(prompt=sample.prompt)
 
     def _process(self, sample: Sample, text: str) -> dict[str, Tensor]:
@@ -248,7 +231,7 @@ class Model:
             encoded = self._process(sample, text)
             target = torch.tensor([self.target_ids(text, sample.target) + self._eos()])
             starts.append(encoded["input_ids"].shape[1])
-            _extend_tokens(encoded, target, self.adapter.target_token_type)
+            extend_tokens(encoded, target, self.adapter.target_token_type)
             rows.append(encoded)
         inputs = self._collate(rows, side="right")
         ids, attention = inputs["input_ids"], inputs["attention_mask"]

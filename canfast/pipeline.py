@@ -44,6 +44,8 @@ class ModelConfig:
     ``quiet`` keeps transformers' advisory warnings and progress bars off a terminal that is
     not one (the command line sets it). ``ffn_map`` describes the FFN blocks of a family
     canfast has no rule for (a JSON file or a dict, :mod:`canfast.adapters.user_map`).
+    Prompts use the model's chat template when it has one, unless ``chat_template`` is False or
+    ``prompt_template`` (a string with ``{prompt}``) is given.
     """
 
     name: str = DEFAULT_MODEL
@@ -53,6 +55,8 @@ class ModelConfig:
     trust_remote_code: bool = False
     quiet: bool = False
     ffn_map: str | dict | None = None
+    prompt_template: str | None = None
+    chat_template: bool = True
 
     def load(self) -> Model:
         if self.quiet:
@@ -69,6 +73,8 @@ class ModelConfig:
             device_map=self.device_map,
             trust_remote_code=self.trust_remote_code,
             ffn_map=self.ffn_map,
+            prompt_template=self.prompt_template,
+            chat_template=self.chat_template,
         )
 
 

@@ -536,3 +536,94 @@ def scores_of(models, family):
     return canfast.score(
         model, tm.samples(family, 2), targets="given", backend="torch", progress=False
     )
+
+
+# ----- prompts through the model's chat template ----------------------------------------------
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m.role }}<|end_header_id|>\n\n"
+    "{{ m.content }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+LLAVA_CHAT = (
+    "{% for m in messages %}{{ m.role | upper }}: {% for c in m.content %}"
+    "{% if c.type == 'image' %}<image>\n{% else %}{{ c.text }}{% endif %}{% endfor %} "
+    "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+GEMMA_CHAT = (
+    "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ m.role }}\n"
+    "{% for c in m.content %}{% if c.type == 'image' %}<start_of_image>{% else %}{{ c.text }}"
+    "{% endif %}{% endfor %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+MARKERS = ("<|im_start|>", "<|im_end|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
+
+
+def chat_model(template: str):
+    """A tiny model whose processor or tokenizer carries ``template``; returns the model and
+    the template's last tokens before the answer."""
+    if template in (CHATML, LLAMA3):
+        hf, tok = tm.build("qwen3")
+        from tokenizers import AddedToken
+
+        tok = copy.deepcopy(tok)
+        tok.add_tokens([AddedToken(m, special=True) for m in MARKERS], special_tokens=True)
+        tok.chat_template = template
+        hf.resize_token_embeddings(len(tok))
+        opener = "<|end_header_id|>" if template == LLAMA3 else "<|im_start|>"
+        return canfast.Model(hf, tok), opener
+    family = "llava" if template == LLAVA_CHAT else "gemma3"
+    hf, processor = tm.build(family)
+    processor = copy.deepcopy(processor)
+    processor.chat_template = template
+    return canfast.Model(hf, processor), ":" if family == "llava" else "<start_of_turn>"
+
+
+@pytest.mark.parametrize("template", [CHATML, LLAMA3, LLAVA_CHAT, GEMMA_CHAT])
+def test_chat_template_target_mask_covers_the_answer_alone(template):
+    model, opener = chat_model(template)
+    assert model.chat_template
+    tok = model.tokenizer
+    samples = tm.samples("llava" if model.adapter.uses_images else "qwen3", 3)
+    batch = model.encode(samples)
+    ids = batch.inputs["input_ids"]
+    for i, sample in enumerate(samples):
+        answer = tok.convert_tokens_to_ids(sample.target.split()) + [tok.eos_token_id]
+        assert ids[i][batch.target_mask[i]].tolist() == answer
+        first = int(batch.target_mask[i].nonzero()[0])
+        before = tok.convert_ids_to_tokens(ids[i, :first].tolist())
+        # The template's user turn and the opening of the assistant's turn precede the answer.
+        assert opener in before
+        assert tok.convert_tokens_to_ids(sample.prompt.split()[0]) in ids[i, :first].tolist()
+        assert before.count(tok.bos_token) <= 1
+        if model.adapter.uses_images:
+            image_id = model.hf.config.image_token_id
+            assert (ids[i, :first] == image_id).sum() > 1  # the placeholder, expanded
+    with torch.no_grad():
+        assert torch.isfinite(model.forward(batch).logits).all()
+
+
+def test_chat_template_overrides():
+    model, _ = chat_model(CHATML)
+    sample = tm.samples("qwen3", 1)[0]
+    assert model.prompt_text(sample) == (
+        f"<|im_start|>user\n{sample.prompt}<|im_end|>\n<|im_start|>assistant\n"
+    )
+    llama3, _ = chat_model(LLAMA3)
+    assert llama3.prompt_text(sample).startswith(
+        f"<|start_header_id|>user<|end_header_id|>\n\n{sample.prompt}<|eot_id|>"
+    )
+    hf, tok = tm.build("qwen3")
+    tok = copy.deepcopy(tok)
+    tok.chat_template = CHATML
+    plain = canfast.Model(hf, tok, chat_template=False)
+    assert plain.prompt_text(sample) == sample.prompt
+    custom = canfast.Model(hf, tok, prompt_template="USER : {prompt} ASSISTANT :")
+    assert not custom.chat_template
+    assert custom.prompt_text(sample) == f"USER : {sample.prompt} ASSISTANT :"
+    with pytest.raises(canfast.BadInput, match="no {prompt}"):
+        canfast.Model(hf, tok, prompt_template="USER : ASSISTANT :")

@@ -1,0 +1,42 @@
+"""Inputs that run along a sample's token sequence, whatever the family.
+
+Besides ``input_ids`` and ``attention_mask``, current processors give per-token inputs of their
+own: token types (PaliGemma's prefix/suffix, Gemma 3's image tokens), Qwen-VL's
+``mm_token_type_ids``, Mllama's ``cross_attention_mask`` ``[B, T, images, tiles]``. Appending an
+answer to a prompt, or padding a batch, must extend every one of them with the tokens; other
+inputs (``pixel_values``, ``pixel_attention_mask``, ``image_sizes``, ...) are per image.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Inputs that run along the token sequence ([B, T, ...]): padded with it, extended by targets.
+TOKEN_KEYS = (
+    "input_ids",
+    "attention_mask",
+    "token_type_ids",
+    "mm_token_type_ids",
+    "cross_attention_mask",
+)
+
+
+def extend_tokens(encoded: dict[str, Tensor], target: Tensor, token_type: int) -> None:
+    """Append ``target`` ([1, n] ids) to a prompt's encoding, and every per-token input with it:
+    attention 1, token type ``token_type`` (PaliGemma marks its suffix with 1), and Mllama's
+    cross-attention mask repeated from the last prompt token (answers see the image too)."""
+    n = target.shape[1]
+    encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
+    for key in TOKEN_KEYS[1:]:
+        if key not in encoded:
+            continue
+        t = encoded[key]
+        if key == "attention_mask":
+            tail = torch.ones_like(t[:, :1]).expand(-1, n)
+        elif key == "cross_attention_mask":
+            tail = t[:, -1:].expand(-1, n, *t.shape[2:])
+        else:
+            tail = torch.full_like(t[:, :1], token_type if key == "token_type_ids" else 0)
+            tail = tail.expand(-1, n)
+        encoded[key] = torch.cat([t, tail], dim=1)
