@@ -353,6 +353,8 @@ def load(
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
     ffn_map: dict | str | Path | None = None,
+    prompt_template: str | None = None,
+    chat_template: bool = True,
 ) -> Model:
     """Load a model and its processor (or tokenizer) by Hub id, local path or ``builtin:NAME``.
 
@@ -360,7 +362,9 @@ def load(
     never trusted unless ``trust_remote_code=True``. ``ffn_map`` describes the FFN blocks of a
     family canfast has no rule for (:mod:`canfast.adapters.user_map`). A ``config.json`` file
     gives the model's architecture alone, on the meta device: no weights, no processor; enough
-    for its site map (``canfast sites --model CONFIG.json``), not to run it.
+    for its site map (``canfast sites --model CONFIG.json``), not to run it. Prompts go through
+    the model's chat template when it has one, unless ``chat_template=False`` or a
+    ``prompt_template`` (with ``{prompt}``) is given.
     """
     dtype = _torch_dtype(dtype)
     if name_or_path.endswith(".json") and Path(name_or_path).expanduser().is_file():
@@ -377,7 +381,14 @@ def load(
     if device is not None and device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    return Model(hf_model, processor, name=name_or_path, ffn_map=ffn_map)
+    return Model(
+        hf_model,
+        processor,
+        name=name_or_path,
+        prompt_template=prompt_template,
+        ffn_map=ffn_map,
+        chat_template=chat_template,
+    )
 
 
 def _auto_model_class(adapter: Adapter, config):

@@ -34,8 +34,9 @@ def adapter_for(model_type: str, ffn_map: dict | str | Path | None = None) -> Ad
             return adapter
     raise BadInput(
         f"unsupported architecture: canfast has no rule for the feed-forward blocks of model "
-        f"type {model_type!r}; describe them in a JSON map and pass --sites-map MAP.json "
-        "(Python: ffn_map=...), see README 'Other families'"
+        f"type {model_type!r} (it knows {', '.join(a.family for a in ADAPTERS)}); describe them "
+        "in a JSON map and pass --sites-map MAP.json (Python: ffn_map=...), see README "
+        "'Other families'"
     )
 
 
