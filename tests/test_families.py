@@ -627,3 +627,25 @@ def test_chat_template_overrides():
     assert custom.prompt_text(sample) == f"USER : {sample.prompt} ASSISTANT :"
     with pytest.raises(canfast.BadInput, match="no {prompt}"):
         canfast.Model(hf, tok, prompt_template="USER : ASSISTANT :")
+
+
+@pytest.mark.skipif(not canfast.ops.available("cpp"), reason="canfast._C is not built")
+@pytest.mark.parametrize("family", ["phi3", "mixtral", "qwen2_moe"])
+def test_views_on_the_cpp_backend(models, family):
+    """The C++ kernels read a view's weight (a slice of the stacked or fused parameter) like any
+    Linear's: scores and hook masking agree with the torch backend."""
+    model = model_of(models, family)
+    samples = tm.samples(family, 3)
+    common = dict(targets="given", batch_size=2, progress=False)
+    ours = canfast.score(model, samples, backend="cpp", **common)
+    ref = canfast.score(model, samples, backend="torch", **common)
+    for name in ref.sites:
+        torch.testing.assert_close(ours[name], ref[name], rtol=1e-4, atol=1e-6)
+    batch = model.encode(samples)
+    neurons = pick(model, "out")
+    with torch.no_grad():
+        with masked(model, neurons, mode="hook", backend="cpp"):
+            hooked = model.forward(batch).logits
+        with masked(model, neurons, mode="weight"):
+            zeroed = model.forward(batch).logits
+    torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
