@@ -319,6 +319,11 @@ class Model:
                     else:
                         padded[i, width - n :] = t[0]
                 out[key] = padded
+            elif any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
+                raise BadInput(
+                    f"{key} of different sizes in one batch (images of different sizes?); "
+                    "use batch_size=1 or resize the images to one size"
+                )
             else:
                 out[key] = torch.cat(tensors, dim=0)
         if "attention_mask" not in out and "input_ids" in out:

@@ -649,3 +649,17 @@ def test_views_on_the_cpp_backend(models, family):
         with masked(model, neurons, mode="weight"):
             zeroed = model.forward(batch).logits
     torch.testing.assert_close(hooked, zeroed, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3"])
+def test_images_of_different_sizes_in_one_batch_are_refused(models, family):
+    """Packed vision rows split per sample only when the batch's images share one size."""
+    model = model_of(models, family)
+    samples = tm.samples(family, 2)
+    wide = tm.image(7).resize((2 * tm.IMAGE_SIZE, tm.IMAGE_SIZE))
+    samples[1] = canfast.Sample(wide, samples[1].prompt, samples[1].target)
+    common = dict(targets="given", backend="torch", progress=False)
+    with pytest.raises(canfast.BadInput, match="different sizes"):
+        canfast.score(model, samples, batch_size=2, **common)
+    scores = canfast.score(model, samples, batch_size=1, **common)
+    assert all(torch.isfinite(v).all() for v in scores.values.values())
