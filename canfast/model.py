@@ -85,6 +85,8 @@ class Model:
         processor,
         name: str | None = None,
         prompt_template: str | None = None,
+        target_separator: str | None = None,
+        score_eos: bool = True,
     ) -> None:
         self.hf = hf_model
         self.processor = processor
@@ -92,6 +94,10 @@ class Model:
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.adapter: Adapter = adapter_for(hf_model.config.model_type)
         self.prompt_template = prompt_template or self.adapter.prompt_template
+        self.target_separator = (
+            self.adapter.target_separator if target_separator is None else target_separator
+        )
+        self.score_eos = score_eos
         self.task = self.adapter.task
         text_config = getattr(hf_model.config, "text_config", hf_model.config)
         if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
@@ -177,23 +183,40 @@ class Model:
             return dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
         return dict(self.tokenizer([text], return_tensors="pt"))
 
-    def target_ids(self, prompt_text: str, target: str) -> list[int]:
-        """The target's tokens as they follow the prompt, without special tokens.
+    def join(self, prompt_text: str, target: str) -> str:
+        """The text that is scored: the prompt, the template's separator, the target.
 
-        Tokenizing the prompt with and without the target and keeping the tail respects how the
-        tokenizer joins words at the boundary (a leading space for byte-level BPE, for one).
+        The separator goes only between two non-space characters: a prompt that ends in a space
+        or a newline, a target that starts with one, or an empty prompt join as written.
+        """
+        if not prompt_text or prompt_text[-1].isspace() or target[:1].isspace():
+            return prompt_text + target
+        return prompt_text + self.target_separator + target
+
+    def target_ids(self, prompt_text: str, target: str) -> tuple[list[int], list[int]]:
+        """The target's tokens as they follow the prompt, without special tokens, and the
+        prompt's trailing tokens that the joined text tokenizes differently.
+
+        The joined text is tokenized whole, so the tokens at the boundary are the ones the
+        tokenizer makes of the text as written (a byte-level BPE merges a prompt's trailing
+        space into the target's first word, ``'Ġone'``); those prompt tokens are replaced.
         """
         tok = self.tokenizer
-        alone = tok(prompt_text, add_special_tokens=False)["input_ids"]
-        joined = tok(f"{prompt_text} {target}", add_special_tokens=False)["input_ids"]
-        if joined[: len(alone)] == alone:
-            return list(joined[len(alone) :])
-        return list(tok(target, add_special_tokens=False)["input_ids"])
+        alone = list(tok(prompt_text, add_special_tokens=False)["input_ids"])
+        joined = list(tok(self.join(prompt_text, target), add_special_tokens=False)["input_ids"])
+        shared = 0
+        while shared < min(len(alone), len(joined)) and alone[shared] == joined[shared]:
+            shared += 1
+        if shared == len(joined):
+            raise BadInput(f"target {target!r} has no tokens of its own after the prompt")
+        return alone[shared:], joined[shared:]
 
     def encode(self, samples: Sequence[Sample]) -> Batch:
         """Inputs, aligned labels and masks for samples that all have targets.
 
-        Decoder models see ``prompt + target + EOS``, scored on the target and EOS; an
+        Decoder models see the prompt joined to the target as written (:meth:`join`), then EOS,
+        scored on the target's tokens and EOS (``score_eos=False`` leaves EOS out; with an
+        empty prompt and no BOS, no logit predicts the first target token); an
         encoder-decoder reads the prompt and is scored on the decoder's ``target + EOS``; a
         masked LM is scored at its mask tokens, the target being the tokens that fill them.
         """
@@ -208,16 +231,25 @@ class Model:
 
     def _eos(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
-        return [] if eos is None else [eos]
+        return [] if eos is None or not self.score_eos else [eos]
 
     def _encode_causal(self, samples: Sequence[Sample]) -> Batch:
         rows, starts = [], []
         for sample in samples:
             text = self.prompt_text(sample)
             encoded = self._process(sample, text)
-            target = torch.tensor([self.target_ids(text, sample.target) + self._eos()])
-            starts.append(encoded["input_ids"].shape[1])
-            encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
+            replaced, ids = self.target_ids(text, sample.target)
+            prompt = encoded["input_ids"]
+            if replaced:
+                if prompt[0, -len(replaced) :].tolist() != replaced:
+                    raise BadInput(
+                        f"cannot join prompt {text!r} and target {sample.target!r} at a token "
+                        "boundary: the processor's prompt does not end as the tokenizer's does"
+                    )
+                prompt = prompt[:, : -len(replaced)]
+            target = torch.tensor([ids + self._eos()], dtype=prompt.dtype)
+            starts.append(prompt.shape[1])
+            encoded["input_ids"] = torch.cat([prompt, target], dim=1)
             if "attention_mask" in encoded:
                 encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
             rows.append(encoded)

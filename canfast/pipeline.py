@@ -76,7 +76,8 @@ class DataConfig:
     ``source``: ``builtin:NAME``, a JSONL file, an image folder (with ``prompt``), or samples
     already in memory.
     ``targets``: ``self`` (the unmasked model's greedy answers, ``max_new_tokens`` long) or
-    ``given`` (the data's own). ``batch_size`` applies to every pass over the samples.
+    ``given`` (the data's own). ``score_eos``: append EOS to every target and score it.
+    ``batch_size`` applies to every pass over the samples.
     """
 
     source: str | Sequence[Sample] = DEFAULT_DATA
@@ -85,6 +86,7 @@ class DataConfig:
     targets: str = "self"
     max_new_tokens: int = 32
     batch_size: int = 8
+    score_eos: bool = True
 
     def load(self) -> list[Sample]:
         if isinstance(self.source, str):
@@ -157,6 +159,7 @@ def run(
     check_out(out, overwrite)
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
+    loaded.score_eos = data.score_eos
     chosen = [s.name for s in sites.select(loaded)]
     scores = read_scores(scoring.path, loaded) if scoring.path is not None else None
     result = None

@@ -38,6 +38,8 @@ class Adapter:
     - ``component_of``: the component (vision, projector, qformer, language) of a module path.
     - ``stream_of``: which token sequence a module runs over, to pick its padding mask.
     - ``prompt_template``: how a sample's prompt becomes the model's text.
+    - ``target_separator``: what the template puts between the prompt's text and the target
+      (see ``Model.join``): a space, as chat formats answer and as a word follows a word.
     """
 
     family: str
@@ -46,6 +48,7 @@ class Adapter:
     component_of: Callable[[str], str]
     stream_of: Callable[[str], str | None]
     prompt_template: str = "{prompt}"
+    target_separator: str = " "
     uses_images: bool = False
     extra_single_sites: tuple[tuple[str, str], ...] = ()
 
