@@ -29,7 +29,7 @@ def target_ids(model, sample):
 
 def prompt_inputs(model, sample):
     """What the model's own processor makes of the prompt alone."""
-    text = model.prompt_text(sample)
+    text = model.encoder.prompt_text(sample)
     if sample.image is not None:
         return model.processor(images=[sample.image], text=[text], return_tensors="pt")
     return model.tokenizer([text], return_tensors="pt")
@@ -315,9 +315,9 @@ def test_targets_are_scored_exactly_as_written(gpt2_body, kind, case):
     tok = PreTrainedTokenizerFast(tokenizer_object=TOKENIZERS[kind](), eos_token="</s>")
     model = Model(gpt2_body[0], tok)
     prompt, target = case
-    text = model.prompt_text(Sample(None, prompt, target))
+    text = model.encoder.prompt_text(Sample(None, prompt, target))
     assert text == prompt
-    joined = model.join(text, target)
+    joined = model.encoder.join(text, target)
     assert joined == (prompt + " " + target if prompt == "count :" else prompt + target)
 
     batch = model.encode([Sample(None, prompt, target)])
