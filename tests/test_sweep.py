@@ -393,8 +393,8 @@ def test_sweep_bad_input(llava_run, make_model):
 
 
 def test_evaluate_many_masks_per_pass(llava_run):
-    """The engine's shared forward passes give the same metric as one mask per pass."""
-    from canfast.sweep.engine import Evaluator
+    """The evaluator's shared forward passes give the same metric as one mask per pass."""
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
@@ -410,14 +410,14 @@ def test_evaluate_many_masks_per_pass(llava_run):
 
 def test_gen_ppl_metric(llava_run):
     """``gen-ppl``: the masked model answers, the unmasked model scores those answers."""
-    from canfast.sweep.engine import Evaluator
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
     sets = [NeuronSet(()), order[:40]]
-    engine = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
-    assert engine.masks_per_pass == 1
-    got = engine(sets)
+    evaluator = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
+    assert evaluator.masks_per_pass == 1
+    got = evaluator(sets)
     for neurons, value in zip(sets, got):
         answers = canfast.generate(model, samples, neurons, max_new_tokens=3)
         produced = [s.with_target(a) for s, a in zip(samples, answers)]

@@ -98,25 +98,25 @@ def is_caption(sample: Sample) -> bool:
     return sample.prompt == CAPTION_PROMPT
 
 
-def evaluate(
+def answer_accuracy(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     samples: Sequence[Sample],
-    kind: str,
+    family: str,
 ) -> dict:
     """Exact-match accuracy of greedy answers, for captions and for questions separately.
 
-    The answers are ``canfast.generate``'s (24 new tokens at most). ``kind`` is the model family
+    The answers are ``canfast.generate``'s (24 new tokens at most). ``family`` is the model family
     (``llava``, ``instructblip``) or a built-in model name, checked against the built-in
     families. Returns ``captions``, ``answers`` (accuracies in [0, 1], None when there are no
     such samples), their counts, and the first few mistakes.
     """
     if any(s.target is None for s in samples):
-        raise BadInput("evaluate needs samples with a target")
+        raise BadInput("answer_accuracy needs samples with a target")
     from canfast import Model, generate
     from canfast.zoo.inputs import family_of
 
-    family_of(kind)
+    family_of(family)
     wrapped = Model(model, processor)
     predictions = generate(wrapped, samples, max_new_tokens=24, batch_size=64)
     result: dict = {}

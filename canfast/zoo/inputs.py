@@ -25,12 +25,12 @@ FAMILIES = ("llava", "instructblip")
 _ALIASES = {"tiny-llava": "llava", "tiny-instructblip": "instructblip"}
 
 
-def family_of(kind: str) -> str:
+def family_of(name: str) -> str:
     """``"llava"`` or ``"instructblip"`` from a family, built-in model name or model_type."""
-    family = _ALIASES.get(kind, kind)
+    family = _ALIASES.get(name, name)
     if family not in FAMILIES:
         valid = ", ".join([*FAMILIES, *_ALIASES])
-        raise BadInput(f"unknown model kind {kind!r}; valid: {valid}")
+        raise BadInput(f"unknown model family {name!r}; valid: {valid}")
     return family
 
 
