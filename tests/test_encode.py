@@ -227,45 +227,48 @@ def test_batched_generation_equals_one_by_one(models, family):
 CORPUS = ["count : one two . three four .", "count :\none two .", "one two three four five ."]
 
 
-def byte_level_bpe():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def trained(model, pre_tokenizer, decoder, trainer, normalizer=None):
+    """A ``tokenizers`` tokenizer trained offline on the corpus above."""
+    from tokenizers import Tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def byte_level_bpe():
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=["</s>"], initial_alphabet=alphabet, show_progress=False
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return tok
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return trained(models.BPE(), pre, decoders.ByteLevel(), trainer)
 
 
 def sentencepiece():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace()
-    tok.decoder = decoders.Metaspace()
     trainer = trainers.BpeTrainer(
         vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return tok
+    model = models.BPE(unk_token="<unk>")
+    return trained(model, pre_tokenizers.Metaspace(), decoders.Metaspace(), trainer)
 
 
 def wordpiece():
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
 
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer()
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.decoder = decoders.WordPiece()
     trainer = trainers.WordPieceTrainer(
         vocab_size=400, special_tokens=["[UNK]", "[PAD]", "</s>"], show_progress=False
     )
-    tok.train_from_iterator(CORPUS * 20, trainer)
-    return tok
+    model = models.WordPiece(unk_token="[UNK]")
+    pre = pre_tokenizers.BertPreTokenizer()
+    return trained(model, pre, decoders.WordPiece(), trainer, normalizers.BertNormalizer())
 
 
 TOKENIZERS = {
