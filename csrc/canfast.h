@@ -115,6 +115,10 @@ struct ScoreArgs {
   float alpha;
   int threads;
   float* scratch;  // threads * score_scratch_per_thread(C) floats
+  // Optional, float [M, C] contiguous: g (then writable) is first multiplied in place by row
+  // (b * T + t) / (B * T / M) of it, also on rows that valid leaves out, and scored masked.
+  const float* g_mask;
+  int64_t g_mask_M;
 };
 
 // In place on y [R, N] (unit column stride): y *= mask[r / (R / M)]; then

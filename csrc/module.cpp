@@ -148,7 +148,7 @@ int thread_count(int threads) {
 void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T, int64_t C,
                       int64_t a_sb, int64_t a_st, int64_t g_sb, int64_t g_st, uintptr_t valid,
                       int64_t v_sb, int64_t v_st, uintptr_t out, int64_t o_sb, int64_t o_sk,
-                      double alpha, int threads) {
+                      double alpha, int threads, uintptr_t g_mask, int64_t g_mask_M) {
   ScoreArgs p{};
   p.dtype = dtype_of(dtype);
   nonneg("B", B);
@@ -166,6 +166,18 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   row_stride("out row stride", o_sk, 3, C, true);
   row_stride("out batch stride", o_sb, B, 3 * o_sk, true);
   if (!(alpha >= 0.0 && alpha <= 1.0)) bad("alpha must lie in [0, 1], got " + std::to_string(alpha));
+  if (g_mask) {
+    if (g_mask_M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(g_mask_M));
+    if ((B * T) % g_mask_M != 0) {
+      bad(std::to_string(B * T) + " rows do not split into " + std::to_string(g_mask_M) + " mask blocks");
+    }
+    pointer("g_mask", g_mask, 4, product({g_mask_M, C}));
+    // g is written: its rows must not overlap.
+    row_stride("g time stride", g_st, T, C, true);
+    row_stride("g batch stride", g_sb, B, T > 1 ? g_st * T : C, true);
+  }
+  p.g_mask = reinterpret_cast<const float*>(g_mask);
+  p.g_mask_M = g_mask ? g_mask_M : 1;
   p.a = reinterpret_cast<const void*>(a);
   p.g = reinterpret_cast<const void*>(g);
   p.B = B;
@@ -329,7 +341,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("T"), py::arg("C"), py::arg("a_sb"), py::arg("a_st"),
         py::arg("g_sb"), py::arg("g_st"), py::arg("valid"), py::arg("v_sb"), py::arg("v_st"),
         py::arg("out"), py::arg("o_sb"), py::arg("o_sk"), py::arg("alpha"), py::arg("threads"),
-        "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2).");
+        py::arg("g_mask") = 0, py::arg("g_mask_M") = 1,
+        "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2); with "
+        "g_mask, g *= g_mask[row block] in place first (every row), and the masked g is scored.");
   m.def("linear_epilogue", &linear_epilogue, py::arg("y"), py::arg("dtype"), py::arg("R"),
         py::arg("N"), py::arg("y_rs"), py::arg("mask"), py::arg("M"),
         py::arg("mask_rs"), py::arg("stats"), py::arg("threads"),
