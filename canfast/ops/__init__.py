@@ -34,12 +34,13 @@ from canfast.ops.contract import (
     masked_linear,
     score_accumulate,
 )
-from canfast.ops.registry import Backend, available, names, register, resolve
+from canfast.ops.registry import KERNEL_DTYPES, Backend, available, names, register, resolve
 
 BACKENDS = names()
 
 __all__ = [
     "BACKENDS",
+    "KERNEL_DTYPES",
     "Backend",
     "ScoreSink",
     "ablate_expand",
