@@ -12,10 +12,12 @@ or input (unit ``mid``: ``x`` and ``dL/dx``, in the epilogue of the ``dL/dx`` pr
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from canfast.ops.registry import ScoreFeed, by_name, kernels_for
 
@@ -59,14 +61,30 @@ def _check_valid(
 # score_accumulate
 
 
-@torch.library.custom_op("canfast::score_accumulate", mutates_args=("out",))
-def _score_accumulate(
+def _eager(op: torch.library.CustomOpDef, impl: Callable) -> Callable:
+    """The custom op while torch.compile traces, else its implementation called directly: the
+    dispatcher's round trip costs more than a small layer's product, and eager needs none of it.
+    """
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
+
+
+def _score_accumulate_impl(
     a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None, backend: str
 ) -> None:
     by_name(backend).score_accumulate(a, g, alpha, out, valid)
 
 
-@_score_accumulate.register_fake
+_score_accumulate_op = torch.library.custom_op(
+    "canfast::score_accumulate", _score_accumulate_impl, mutates_args=("out",)
+)
+_score_accumulate = _eager(_score_accumulate_op, _score_accumulate_impl)
+
+
+@_score_accumulate_op.register_fake
 def _(a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None, backend: str) -> None:
     return None
 
@@ -163,8 +181,7 @@ def _check_sink(sink: ScoreSink, rows: int, n_out: int, n_in: int) -> tuple[Tens
     return valid, check_alpha(sink.alpha)
 
 
-@torch.library.custom_op("canfast::masked_linear", mutates_args=())
-def _masked_linear(
+def _masked_linear_impl(
     x: Tensor,
     weight: Tensor,
     bias: Tensor | None,
@@ -181,13 +198,17 @@ def _masked_linear(
     return by_name(backend).masked_linear(x, weight, bias, out_mask, in_mask)
 
 
-@_masked_linear.register_fake
+_masked_linear_op = torch.library.custom_op(
+    "canfast::masked_linear", _masked_linear_impl, mutates_args=()
+)
+
+
+@_masked_linear_op.register_fake
 def _(x: Tensor, weight: Tensor, *args) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("canfast::masked_linear_backward", mutates_args=("sink_out",))
-def _masked_linear_backward(
+def _masked_linear_backward_impl(
     grad_y: Tensor,
     weight: Tensor,
     out_mask: Tensor | None,
@@ -217,7 +238,13 @@ def _masked_linear_backward(
     return kernels.masked_linear_backward(grad_y, weight, out_mask, in_mask, feed)
 
 
-@_masked_linear_backward.register_fake
+_masked_linear_backward_op = torch.library.custom_op(
+    "canfast::masked_linear_backward", _masked_linear_backward_impl, mutates_args=("sink_out",)
+)
+_masked_linear_backward = _eager(_masked_linear_backward_op, _masked_linear_backward_impl)
+
+
+@_masked_linear_backward_op.register_fake
 def _(
     grad_y: Tensor,
     weight: Tensor,
@@ -266,7 +293,30 @@ def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
     return (dx if dx_wanted else None,) + (None,) * 10
 
 
-_masked_linear.register_autograd(_backward, setup_context=_setup_context)
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MaskedLinearFunction(torch.autograd.Function):
+    """The eager face of the same op: the formula above, without the dispatcher's round trip."""
+
+    @staticmethod
+    def forward(ctx, *inputs) -> Tensor:
+        output = _masked_linear_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad_y)
+
+
+def _masked_linear(*inputs) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _masked_linear_op(*inputs)
+    if torch.is_grad_enabled() and inputs[0].requires_grad:
+        return _MaskedLinearFunction.apply(*inputs)
+    return _masked_linear_impl(*inputs)
 
 
 def masked_linear(
@@ -306,9 +356,8 @@ def masked_linear(
     bias = bias.to(x.dtype) if bias is not None else None
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
-    tracked = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight, bias)
-    )
+    # Only x's gradient is ever computed: weights requiring grad do not make a graph.
+    tracked = torch.is_grad_enabled() and x.requires_grad
     sink_out = sink_valid = None
     alpha, unit, dx_wanted = 0.0, "out", x.requires_grad
     if sink is not None:
@@ -337,8 +386,7 @@ def masked_linear(
 # ablate_expand
 
 
-@torch.library.custom_op("canfast::ablate_expand", mutates_args=())
-def _ablate_expand(
+def _ablate_expand_impl(
     y: Tensor, neurons: Tensor, mid: Tensor | None, weight: Tensor | None, backend: str
 ) -> Tensor:
     limit = mid.shape[-1] if mid is not None else y.shape[-1]
@@ -352,7 +400,13 @@ def _ablate_expand(
     return by_name(backend).ablate_expand(y, index, mid, weight)
 
 
-@_ablate_expand.register_fake
+_ablate_expand_op = torch.library.custom_op(
+    "canfast::ablate_expand", _ablate_expand_impl, mutates_args=()
+)
+_ablate_expand = _eager(_ablate_expand_op, _ablate_expand_impl)
+
+
+@_ablate_expand_op.register_fake
 def _(y: Tensor, neurons: Tensor, *args) -> Tensor:
     return y.new_empty(neurons.shape[0], *y.shape)
 

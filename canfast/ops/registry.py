@@ -70,6 +70,7 @@ class Backend:
 def register(backend: Backend) -> None:
     """Make ``backend`` available by its name (called by the backend's module on import)."""
     _REGISTERED[backend.name] = backend
+    _CHOSEN.clear()
 
 
 @cache
@@ -131,8 +132,16 @@ def resolve(backend: str, device_type: str) -> str:
 _AUTO_BUILTIN = {"cpp": ("cpu",), "triton": ("cuda",)}
 
 
+# (backend asked for, device type, dtype) -> the backend that runs it; every op call asks.
+_CHOSEN: dict[tuple[str, str, torch.dtype], Backend] = {}
+
+
 def kernels_for(backend: str, op: str, tensor: Tensor) -> Backend:
     """The backend that runs ``op`` on ``tensor`` (device and dtype checked against it)."""
+    key = (backend, tensor.device.type, tensor.dtype)
+    chosen = _CHOSEN.get(key)
+    if chosen is not None:
+        return chosen
     if backend == "auto" and tensor.dtype not in KERNEL_DTYPES:
         # The compiled kernels cover the training dtypes; float64 (used for checking) runs on
         # the reference.
@@ -146,6 +155,7 @@ def kernels_for(backend: str, op: str, tensor: Tensor) -> Backend:
     if tensor.dtype not in chosen.dtypes:
         kinds = ", ".join(str(d).removeprefix("torch.") for d in chosen.dtypes)
         raise ValueError(f"{op}: the {chosen.name} backend computes in {kinds}, got {tensor.dtype}")
+    _CHOSEN[key] = chosen
     return chosen
 
 
