@@ -2,8 +2,7 @@
 // instruction set by isa_*.cpp, which define `V` and include this file inside an anonymous
 // namespace (and their target region). Not a standalone header: no includes, no include guard.
 //
-// Parallel layout shared by the two reductions (score and the |y| statistics): work items are
-// (group, channel chunk, row block). A chunk's partial sums live in a per-thread fp32 scratch
+// Parallel layout of the score reduction: work items are (sample, channel chunk, row block). A chunk's partial sums live in a per-thread fp32 scratch
 // buffer (L1/L2) while the rows stream past, so each input byte is read once, by one thread, in
 // long contiguous runs, and the output is touched once per item.
 
@@ -273,74 +272,6 @@ static void score_kernel(const ScoreArgs& p) {
     case DType::f32: return score_dtype<float>(p);
     case DType::bf16: return score_dtype<bf16>(p);
     case DType::f16: return score_dtype<f16>(p);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// masked_linear epilogue: output mask and the |y| column sums in one pass over y.
-
-template <class S>
-static inline void epilogue_vec(S* row, const float* mask, float* st, int64_t c, int lanes) {
-  const bool full = lanes == V::W;
-  if (mask) {
-    typename V::reg v = full ? V::load(row + c) : V::load_n(row + c, lanes);
-    v = V::mul(v, full ? V::load(mask + c) : V::load_n(mask + c, lanes));
-    if (full) {
-      V::store(row + c, v);
-    } else {
-      V::store_n(row + c, v, lanes);
-    }
-  }
-  if (st) {
-    // Sum what was stored (rounded to the storage type), as the reference sums y itself.
-    const typename V::reg stored = full ? V::load(row + c) : V::load_n(row + c, lanes);
-    const typename V::reg acc = full ? V::load(st + c) : V::load_n(st + c, lanes);
-    if (full) {
-      V::store(st + c, V::add(acc, V::abs(stored)));
-    } else {
-      V::store_n(st + c, V::add(acc, V::abs(stored)), lanes);
-    }
-  }
-}
-
-template <class S>
-static void epilogue_typed(const EpilogueArgs& p) {
-  const Plan plan = make_plan(1, p.R, p.N, p.threads);
-  const int64_t items = plan.n_chunks * plan.n_rblocks;
-  const int64_t rows_per_mask = p.mask ? p.R / p.M : 1;
-#pragma omp parallel for num_threads(p.threads) schedule(static)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t c0 = (it / plan.n_rblocks) * plan.chunk;
-    const int64_t n = (p.N - c0) < plan.chunk ? (p.N - c0) : plan.chunk;
-    const int64_t r_begin = (it % plan.n_rblocks) * plan.rows;
-    const int64_t r_end = (r_begin + plan.rows) < p.R ? (r_begin + plan.rows) : p.R;
-    // Scratch exists only when there are statistics to sum.
-    float* st = p.stats ? p.scratch + omp_get_thread_num() * epilogue_scratch_per_thread(p.N) : nullptr;
-    float* blk = st;
-    float* tot = st ? st + padded_chunk(plan.chunk) : nullptr;
-    if (st) zero_floats(tot, n);
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerFlush) {
-      const int64_t r1 = (r0 + kRowsPerFlush) < r_end ? (r0 + kRowsPerFlush) : r_end;
-      if (st) zero_floats(blk, n);
-      for (int64_t r = r0; r < r1; ++r) {
-        S* row = static_cast<S*>(p.y) + r * p.y_rs + c0;
-        const float* mask = p.mask ? p.mask + (r / rows_per_mask) * p.mask_rs + c0 : nullptr;
-        int64_t c = 0;
-        for (; c + V::W <= n; c += V::W) epilogue_vec<S>(row, mask, st, c, V::W);
-        if (c < n) epilogue_vec<S>(row, mask, st, c, int(n - c));
-      }
-      if (st) add_into(tot, blk, n, false);
-    }
-    if (st) add_into(p.stats + c0, tot, n, plan.n_rblocks > 1);
-  }
-}
-
-static void epilogue_kernel(const EpilogueArgs& p) {
-  if (p.R == 0 || p.N == 0) return;
-  switch (p.dtype) {
-    case DType::f32: return epilogue_typed<float>(p);
-    case DType::bf16: return epilogue_typed<bf16>(p);
-    case DType::f16: return epilogue_typed<f16>(p);
   }
 }
 

@@ -202,38 +202,6 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   k->score(p);
 }
 
-void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs, uintptr_t mask, int64_t M, int64_t mask_rs, uintptr_t stats, int threads) {
-  EpilogueArgs p{};
-  p.dtype = dtype_of(dtype);
-  nonneg("R", R);
-  nonneg("N", N);
-  const int64_t numel = product({R, N});
-  pointer("y", y, elem_size(p.dtype), numel);
-  row_stride("y row stride", y_rs, R, N, true);
-  if (numel > 0 && stats) pointer("stats", stats, 4, N);
-  if (mask) {
-    if (M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(M));
-    if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
-    row_stride("mask row stride", mask_rs, M, N, false);
-    pointer("mask", mask, 4, product({M, N}));
-  }
-  p.y = reinterpret_cast<void*>(y);
-  p.R = R;
-  p.N = N;
-  p.y_rs = y_rs;
-  p.mask = reinterpret_cast<const float*>(mask);
-  p.M = mask ? M : 1;
-  p.mask_rs = mask_rs;
-  p.stats = reinterpret_cast<float*>(stats);
-  p.threads = thread_count(threads);
-  if (p.mask == nullptr && p.stats == nullptr) return;
-  std::vector<float> scratch(p.stats ? static_cast<size_t>(p.threads * epilogue_scratch_per_thread(N)) : 0);
-  p.scratch = scratch.data();
-  const KernelTable* k = g_table;
-  py::gil_scoped_release release;
-  k->epilogue(p);
-}
-
 void row_mask(uintptr_t src, uintptr_t dst, int dtype, int64_t R, int64_t K, int64_t src_rs,
               int64_t dst_rs, uintptr_t mask, int64_t M, int64_t mask_rs, int threads) {
   RowMaskArgs p{};
@@ -344,10 +312,6 @@ PYBIND11_MODULE(_C, m) {
         py::arg("g_mask") = 0, py::arg("g_mask_M") = 1,
         "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2); with "
         "g_mask, g *= g_mask[row block] in place first (every row), and the masked g is scored.");
-  m.def("linear_epilogue", &linear_epilogue, py::arg("y"), py::arg("dtype"), py::arg("R"),
-        py::arg("N"), py::arg("y_rs"), py::arg("mask"), py::arg("M"),
-        py::arg("mask_rs"), py::arg("stats"), py::arg("threads"),
-        "In place: y *= mask[row block]; stats += column sums of |y|.");
   m.def("row_mask", &row_mask, py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("R"),
         py::arg("K"), py::arg("src_rs"), py::arg("dst_rs"), py::arg("mask"), py::arg("M"),
         py::arg("mask_rs"), py::arg("threads"), "dst = src * mask[row block] (src may be dst).");

@@ -603,7 +603,7 @@ def test_cpp_raw_arguments_raise() -> None:
         with pytest.raises(ValueError):
             score(**change)
     with pytest.raises(ValueError):
-        _C.linear_epilogue(o, 0, 6, 4, 4, o, 4, 4, 0, 0)  # 6 rows, 4 mask blocks
+        _C.row_mask(p, p, 0, 6, 4, 4, 4, o, 4, 4, 0)  # 6 rows, 4 mask blocks
     with pytest.raises(ValueError):
         score(g_mask=o, g_mask_M=4)  # 6 rows, 4 mask blocks
     with pytest.raises(ValueError):

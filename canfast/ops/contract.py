@@ -233,9 +233,19 @@ def _masked_linear_backward_impl(
         else:
             a = scored.reshape(samples, -1, scored.shape[-1])
             feed = ScoreFeed(a, alpha, sink_out, sink_valid)
-    if not dx_wanted and feed is None:
+    if _dx_shape(grad_y, weight, sink_out, sink_unit, dx_wanted) == (0,):
         return grad_y.new_empty(0)
     return kernels.masked_linear_backward(grad_y, weight, out_mask, in_mask, feed)
+
+
+def _dx_shape(
+    grad_y: Tensor, weight: Tensor, sink_out: Tensor | None, sink_unit: str, dx_wanted: bool
+) -> tuple[int, ...]:
+    """What the backward op returns: dL/dx, or an empty stand-in when nothing needs it (not the
+    caller, nor a unit-mid score)."""
+    if dx_wanted or (sink_out is not None and sink_unit == "mid"):
+        return (grad_y.shape[0], weight.shape[1])
+    return (0,)
 
 
 _masked_linear_backward_op = torch.library.custom_op(
@@ -245,22 +255,9 @@ _masked_linear_backward = _eager(_masked_linear_backward_op, _masked_linear_back
 
 
 @_masked_linear_backward_op.register_fake
-def _(
-    grad_y: Tensor,
-    weight: Tensor,
-    out_mask: Tensor | None,
-    in_mask: Tensor | None,
-    scored: Tensor | None,
-    sink_out: Tensor | None,
-    sink_valid: Tensor | None,
-    alpha: float,
-    sink_unit: str,
-    dx_wanted: bool,
-    backend: str,
-) -> Tensor:
-    if not dx_wanted and (sink_out is None or sink_unit != "mid"):
-        return grad_y.new_empty(0)
-    return grad_y.new_empty(grad_y.shape[0], weight.shape[1])
+def _(grad_y: Tensor, weight: Tensor, *args) -> Tensor:
+    sink_out, sink_unit, dx_wanted = args[3], args[6], args[7]  # the impl's argument order
+    return grad_y.new_empty(_dx_shape(grad_y, weight, sink_out, sink_unit, dx_wanted))
 
 
 def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:

@@ -147,7 +147,6 @@ def masked_linear(
     """``x`` ``[R, K]``; the weight in any strides (a Conv1D's ``weight.t()``: BLAS reads it
     transposed, no copy)."""
     rows, n_in = x.shape
-    n_out = weight.shape[0]
     if in_mask is not None:
         # The input mask goes on x, in one C++ pass into a scratch copy, not on the weight's
         # columns: a batch of masks cannot be folded into one weight; a masked weight would be
@@ -167,19 +166,7 @@ def masked_linear(
         y = torch.addmm(bias, x, weight.t())
     if out_mask is not None:
         y = _unit_channels(y)
-        table = _mask_table(out_mask)
-        _C.linear_epilogue(
-            y.data_ptr(),
-            _DTYPE_CODES[y.dtype],
-            rows,
-            n_out,
-            _row_stride(y),
-            table.data_ptr(),
-            table.shape[0],
-            n_out,
-            0,
-            _threads(y.numel()),
-        )
+        _apply_row_mask(y, _mask_table(out_mask), y)
     return y
 
 
