@@ -132,6 +132,12 @@ void row_stride(const char* name, int64_t stride, int64_t rows, int64_t run, boo
   }
 }
 
+// A mask of M rows applies to R rows in M equal blocks.
+void mask_blocks(int64_t R, int64_t M) {
+  if (M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(M));
+  if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
+}
+
 int thread_count(int threads) {
   if (threads < 0) bad("threads must be >= 0 (0: OpenMP's default)");
 #ifdef _OPENMP
@@ -167,10 +173,7 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   row_stride("out batch stride", o_sb, B, 3 * o_sk, true);
   if (!(alpha >= 0.0 && alpha <= 1.0)) bad("alpha must lie in [0, 1], got " + std::to_string(alpha));
   if (g_mask) {
-    if (g_mask_M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(g_mask_M));
-    if ((B * T) % g_mask_M != 0) {
-      bad(std::to_string(B * T) + " rows do not split into " + std::to_string(g_mask_M) + " mask blocks");
-    }
+    mask_blocks(B * T, g_mask_M);
     pointer("g_mask", g_mask, 4, product({g_mask_M, C}));
     // g is written: its rows must not overlap.
     row_stride("g time stride", g_st, T, C, true);
@@ -214,8 +217,7 @@ void row_mask(uintptr_t src, uintptr_t dst, int dtype, int64_t R, int64_t K, int
   pointer("dst", dst, es, numel);
   row_stride("src row stride", src_rs, R, K, false);
   row_stride("dst row stride", dst_rs, R, K, true);
-  if (M < 1) bad("the mask needs M >= 1 blocks, got " + std::to_string(M));
-  if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
+  mask_blocks(R, M);
   row_stride("mask row stride", mask_rs, M, K, false);
   if (numel > 0) pointer("mask", mask, 4, product({M, K}));
   p.src = reinterpret_cast<const void*>(src);
