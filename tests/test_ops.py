@@ -5,10 +5,12 @@ Backends: ``torch`` (the reference itself), ``cpp`` once per instruction set thi
 (``TRITON_INTERPRET=1`` from conftest.py) on small shapes, because the interpreter is slow.
 
 Inputs are fresh random values rounded to the dtype under test; the truth is computed in float64
-from those rounded values. Outputs that ops add into (score sums, ``stats``, score sinks) are
+from those rounded values. Outputs that ops add into (score sums, score sinks of both units) are
 pre-filled with random values and the increment is checked; ``_C``'s kernels are also run on
 NaN-filled outputs to show they write every element. Errors are relative to the largest
-magnitude of the truth; ``TOL`` gives the bound per dtype.
+magnitude of the truth; ``TOL`` gives the bound per dtype. ``masked_linear`` also runs under
+``torch.compile`` (its custom ops and fake implementations), on CPU with the ``aot_eager``
+backend, which needs no C compiler.
 """
 
 from __future__ import annotations

@@ -19,6 +19,8 @@ from torch import Tensor
 # The built-in backends, imported on first use; any other module registers itself on import.
 _BUILTIN = {"torch": "canfast.ops.reference", "cpp": "canfast.ops.cpp", "triton": "canfast.kernels"}
 _REGISTERED: dict[str, Backend] = {}
+# Where the built-in backends are wanted by `auto`, known before importing them.
+_AUTO_BUILTIN = {"cpp": ("cpu",), "triton": ("cuda",)}
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -126,10 +128,6 @@ def resolve(backend: str, device_type: str) -> str:
             f"{wanted} backend unavailable for {device_type} tensors; using the torch reference"
         )
     return "torch"
-
-
-# Where the built-in backends are wanted by `auto`, known before importing them.
-_AUTO_BUILTIN = {"cpp": ("cpu",), "triton": ("cuda",)}
 
 
 # (backend asked for, device type, dtype) -> the backend that runs it; every op call asks.
