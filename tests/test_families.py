@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import tiny_models as tm
@@ -194,7 +195,7 @@ def test_views_change_nothing(family):
 
 def capture(model, samples, unit):
     """Per sample, per site that ran: |a| and |dL_i/da| in float64, rows of that sample alone
-    (for an expert: the rows its router sent it)."""
+    (for an expert: the rows its router sent it; a watched expert runs over every row)."""
     sites = model.sites(unit)
     records = []
     for sample in samples:
@@ -204,13 +205,13 @@ def capture(model, samples, unit):
             if unit == "out":
 
                 def hook(module, args, output, name=site.name, seen=seen):
-                    seen[name] = output
+                    seen[name] = (output, getattr(module, "routed_rows", None))
 
                 handles.append(site.module.register_forward_hook(hook))
             else:
 
                 def pre(module, args, name=site.name, seen=seen):
-                    seen[name] = args[0]
+                    seen[name] = (args[0], getattr(module, "routed_rows", None))
 
                 handles.append(site.module.register_forward_pre_hook(pre))
         try:
@@ -218,15 +219,19 @@ def capture(model, samples, unit):
                 outputs = model.forward(batch)
                 loss = reference_loss(model, sample, batch.inputs, outputs.logits)
                 names = list(seen)
-                grads = torch.autograd.grad(loss, [seen[n] for n in names], allow_unused=True)
+                grads = torch.autograd.grad(loss, [seen[n][0] for n in names], allow_unused=True)
         finally:
             for handle in handles:
                 handle.remove()
         record = {}
         for name, grad in zip(names, grads, strict=True):
-            a = seen[name].detach()
+            a, routed = seen[name]
+            a = a.detach()
             g = torch.zeros_like(a) if grad is None else grad
-            record[name] = (a.reshape(-1, a.shape[-1]).abs(), g.reshape(-1, a.shape[-1]).abs())
+            a, g = a.reshape(-1, a.shape[-1]).abs(), g.reshape(-1, a.shape[-1]).abs()
+            if routed is not None:
+                a, g = a[routed], g[routed]
+            record[name] = (a, g)
         records.append(record)
     return records
 
@@ -515,7 +520,7 @@ def test_report_counts_top_neurons_per_expert(models, tmp_path):
     ranking = scores.ranking()
     k = 40
     top = [(s, c, v) for (s, c), v in zip(ranking.neurons, ranking.scores, strict=True)]
-    run = Run(tmp_path, {"k_star": k}, scores, top)
+    run = Run(tmp_path, SimpleNamespace(k_star=k), scores, top)
     place = placement(run)
     groups = [c.group for c in place.by_expert]
     assert groups == [f"e{e}" for e in range(E)] + ["shared"]
@@ -527,7 +532,7 @@ def test_report_counts_top_neurons_per_expert(models, tmp_path):
     assert [c.total for c in place.by_expert] == [per_expert] * E + [L * (2 * F + H)]
     assert "per expert" in placement_section(run, place, [])
     # Dense models get no per-expert table.
-    dense = placement(Run(tmp_path, {"k_star": 4}, scores_of(models, "qwen3"), []))
+    dense = placement(Run(tmp_path, SimpleNamespace(k_star=4), scores_of(models, "qwen3"), []))
     assert dense.by_expert == []
 
 
@@ -610,21 +615,21 @@ def test_chat_template_target_mask_covers_the_answer_alone(template):
 def test_chat_template_overrides():
     model, _ = chat_model(CHATML)
     sample = tm.samples("qwen3", 1)[0]
-    assert model.prompt_text(sample) == (
+    assert model.encoder.prompt_text(sample) == (
         f"<|im_start|>user\n{sample.prompt}<|im_end|>\n<|im_start|>assistant\n"
     )
     llama3, _ = chat_model(LLAMA3)
-    assert llama3.prompt_text(sample).startswith(
+    assert llama3.encoder.prompt_text(sample).startswith(
         f"<|start_header_id|>user<|end_header_id|>\n\n{sample.prompt}<|eot_id|>"
     )
     hf, tok = tm.build("qwen3")
     tok = copy.deepcopy(tok)
     tok.chat_template = CHATML
     plain = canfast.Model(hf, tok, chat_template=False)
-    assert plain.prompt_text(sample) == sample.prompt
+    assert plain.encoder.prompt_text(sample) == sample.prompt
     custom = canfast.Model(hf, tok, prompt_template="USER : {prompt} ASSISTANT :")
     assert not custom.chat_template
-    assert custom.prompt_text(sample) == f"USER : {sample.prompt} ASSISTANT :"
+    assert custom.encoder.prompt_text(sample) == f"USER : {sample.prompt} ASSISTANT :"
     with pytest.raises(canfast.BadInput, match="no {prompt}"):
         canfast.Model(hf, tok, prompt_template="USER : ASSISTANT :")
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from canfast.adapters.encoders import ENCODERS, Encoder
 from canfast.adapters.views import expose_experts, is_linear_view, split_fused_gate_up
 from canfast.sites import Site, site_name
 
@@ -44,10 +45,15 @@ class Adapter:
     - ``component_of``: the component (vision, projector, qformer, language) of a module path.
     - ``stream_of``: which token sequence a module runs over, to pick its padding mask.
     - ``prompt_template``: how a sample's prompt becomes the model's text.
+    - ``target_separator``: what the template puts between the prompt's text and the target
+      (see ``Encoder.join``): a space, as chat formats answer and as a word follows a word.
+    - ``own_padding``: input-key prefixes padded apart with a tokenizer of their own, and the
+      processor attribute holding it (InstructBLIP's Q-Former text).
     - ``extra_single_sites``: lone Linears that are sites of their own (a one-layer projector).
     - ``blocks``: FFN blocks described by module path, for families no built-in pattern knows
       (a user's map, :mod:`canfast.adapters.user_map`); when given, only these are searched.
     - ``components`` and ``notes``: what the README's table of families says.
+    - ``target_token_type``: the token type id of answer tokens (PaliGemma marks its suffix 1).
     """
 
     family: str
@@ -56,12 +62,33 @@ class Adapter:
     component_of: Callable[[str], str]
     stream_of: Callable[[str], str | None]
     prompt_template: str = "{prompt}"
+    target_separator: str = " "
+    own_padding: tuple[tuple[str, str], ...] = ()
     uses_images: bool = False
     extra_single_sites: tuple[tuple[str, str], ...] = ()
     blocks: tuple[Block, ...] = ()
     components: tuple[str, ...] = ("language",)
     notes: str = ""
     target_token_type: int = 0
+
+    def encoder(
+        self,
+        processor,
+        task: str,
+        template: str | None = None,
+        separator: str | None = None,
+        name: str = "the model",
+    ) -> Encoder:
+        """This family's encoder for ``task``; ``template`` and ``separator`` override its own."""
+        return ENCODERS[task](
+            processor,
+            template=self.prompt_template if template is None else template,
+            separator=self.target_separator if separator is None else separator,
+            uses_images=self.uses_images,
+            own_padding=dict(self.own_padding),
+            name=name,
+            target_token_type=self.target_token_type,
+        )
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,16 @@ def extend_tokens(encoded: dict[str, Tensor], target: Tensor, token_type: int) -
         if key not in encoded:
             continue
         t = encoded[key]
-        if key == "attention_mask":
-            tail = torch.ones_like(t[:, :1]).expand(-1, n)
-        elif key == "cross_attention_mask":
+        if key == "cross_attention_mask" and t.shape[1]:
             tail = t[:, -1:].expand(-1, n, *t.shape[2:])
         else:
-            tail = torch.full_like(t[:, :1], token_type if key == "token_type_ids" else 0)
-            tail = tail.expand(-1, n)
-        encoded[key] = torch.cat([t, tail], dim=1)
+            value = {"attention_mask": 1, "token_type_ids": token_type}.get(key, 0)
+            tail = torch.full((t.shape[0], n, *t.shape[2:]), value, dtype=t.dtype)
+        encoded[key] = torch.cat([t, tail.to(t.device)], dim=1)
+
+
+def trim_tokens(encoded: dict[str, Tensor], length: int) -> None:
+    """Cut every per-token input of a prompt's encoding to its first ``length`` tokens."""
+    for key in TOKEN_KEYS:
+        if key in encoded:
+            encoded[key] = encoded[key][:, :length]

@@ -137,20 +137,21 @@ class Expert(nn.Module):
         self.down_proj = LinearView(experts, "down_proj", e, down_bias)
 
 
-def _batched_mask_installed(view: LinearView) -> bool:
-    masks = getattr(vars(view).get("forward"), "canfast_masks", None)
-    return masks is not None and any(m is not None and m.dim() == 2 for m in masks)
+def _watched(view: LinearView) -> bool:
+    """Whether canfast (or anyone) hooks, masks or scores this view right now."""
+    return bool(view._forward_hooks or view._forward_pre_hooks or "forward" in vars(view))
 
 
 def _run(view: LinearView, x: Tensor, rows: Tensor, total: int) -> Tensor:
     """``view`` applied to the routed rows ``x`` (the rows ``rows`` of a ``total``-row batch).
 
-    A batch of masks splits the batch's rows into blocks, one per mask; the routed rows alone
-    have lost that order, so then the rows go back to their places in a zero-filled batch, the
-    view runs over all of it, and the routed rows are read back.
+    While the view is watched, the rows go back to their places in a zero-filled batch and the
+    view runs over all of it: a batch of masks splits the batch's rows into blocks, one per
+    mask, and scoring reads rows per sample, orders the routed rows alone have lost. Scoring
+    counts only the routed rows (``routed_rows``). Unwatched, only the routed rows are computed.
     """
     view.routed_rows, view.routed_total = rows, total
-    if not _batched_mask_installed(view):
+    if not _watched(view):
         return view(x)
     full = x.new_zeros(total, x.shape[-1])
     full[rows] = x
