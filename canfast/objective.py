@@ -34,6 +34,11 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def mean_nll(outputs, batch: Batch) -> Tensor:
     """The default objective: each sample's mean NLL over its target tokens."""
+    if getattr(outputs, "logits", None) is None:
+        raise BadInput(
+            "the model has no head to score tokens with (a base model): pass a custom "
+            "objective= (see canfast.objectives)"
+        )
     total, count = token_nll(outputs.logits, batch.labels)
     return total / count.clamp_min(1)
 
@@ -134,6 +139,8 @@ def with_targets(
     """
     if targets not in TARGETS:
         raise BadInput(f"unknown targets {targets!r}; choose 'self' or 'given'")
+    if model.task == "base":
+        return list(samples)  # a bare model neither generates nor scores tokens
     if targets == "given":
         missing = sum(s.target is None for s in samples)
         if missing:

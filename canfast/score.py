@@ -124,8 +124,7 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     digest = hashlib.sha256()
     for s in samples:
         digest.update(repr((s.prompt, s.target, s.category)).encode())
-        if s.image is not None:
-            digest.update(s.image.tobytes())
+        digest.update(s.image_digest())
     return digest.hexdigest()[:16]
 
 

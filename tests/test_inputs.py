@@ -1,0 +1,350 @@
+"""Inputs canfast must refuse, or take without a trap: checkpoints without the head they are
+scored with, broken or pickle-only weights, devices that are not there, data files that are not
+what they claim; and the objectives for sentence encoders (canfast.objectives).
+
+Models are tiny BERTs saved with ``save_pretrained`` into a temporary directory, with a
+tokenizer built offline.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import canfast
+from canfast.data import Sample, load_jsonl
+from canfast.errors import BadInput
+from canfast.objectives import contrastive, embedding_drift, sentence_embedding
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SENTENCES = [
+    "what color is the square ?",
+    "the square is red .",
+    "a big blue circle on the left",
+    "a blue circle on the left .",
+    "two small green triangles",
+    "green triangles in the picture",
+    "is there a star in the image ?",
+    "no star in the picture .",
+]
+
+
+def bert_config(tok):
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=len(tok),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
+def save_bert(path: Path, head: bool, seed: int = 0) -> Path:
+    """A tiny BERT saved as a user's checkpoint: ``BertForMaskedLM`` (``head``) or a sentence
+    encoder's bare ``BertModel``."""
+    from transformers import BertForMaskedLM, BertModel
+
+    tok = tiny_models.tokenizer("bert")
+    torch.manual_seed(seed)
+    model = (BertForMaskedLM if head else BertModel)(bert_config(tok))
+    tiny_models.roughen(model, seed)  # weights large enough for masking to show
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def encoder_dir(tmp_path_factory) -> Path:
+    return save_bert(tmp_path_factory.mktemp("encoder") / "minilm", head=False)
+
+
+@pytest.fixture(scope="module")
+def mlm_dir(tmp_path_factory) -> Path:
+    return save_bert(tmp_path_factory.mktemp("mlm") / "bert", head=True)
+
+
+# ----- item 1: a checkpoint without the head is never scored with a random one --------------
+
+
+def test_a_checkpoint_without_the_head_is_refused(encoder_dir):
+    with pytest.raises(BadInput, match=r"no weights for .*cls\.predictions.*--task base"):
+        canfast.load(str(encoder_dir))
+
+
+def test_the_base_model_loads_when_asked(encoder_dir):
+    from transformers import BertModel
+
+    model = canfast.load(str(encoder_dir), task="base")
+    assert type(model.hf) is BertModel
+    assert model.task == "base"
+    # The checkpoint's weights, and no random pooler left behind (it was saved, so it stays).
+    saved = BertModel.from_pretrained(encoder_dir)
+    for (name, a), (_, b) in zip(model.hf.state_dict().items(), saved.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_a_base_model_without_a_saved_pooler_drops_it(mlm_dir):
+    # A masked-LM checkpoint has no pooler: loaded bare, the pooler would be random.
+    model = canfast.load(str(mlm_dir), task="base")
+    assert model.hf.pooler is None
+    batch = model.encode([Sample(None, "the square is red .")])
+    assert model.forward(batch).pooler_output is None
+
+
+def test_a_checkpoint_with_its_head_loads_as_before(mlm_dir):
+    model = canfast.load(str(mlm_dir))
+    assert model.task == "masked"
+
+
+def test_scoring_a_base_model_without_an_objective_says_what_to_do(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    with pytest.raises(BadInput, match="objective="):
+        canfast.score(model, [Sample(None, s) for s in SENTENCES[:2]], progress=False)
+
+
+def test_unknown_task_is_refused(mlm_dir):
+    with pytest.raises(BadInput, match="task"):
+        canfast.load(str(mlm_dir), task="head")
+
+
+# ----- weights and model paths ---------------------------------------------------------------
+
+
+def test_a_truncated_safetensors_file_is_bad_input(tmp_path):
+    path = save_bert(tmp_path / "bert", head=True)
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(BadInput, match="safetensors"):
+        canfast.load(str(path))
+
+
+def test_a_model_directory_without_weights_is_bad_input(tmp_path):
+    path = save_bert(tmp_path / "bert", head=True)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(BadInput, match="no weights"):
+        canfast.load(str(path))
+
+
+def test_a_pickle_only_checkpoint_needs_allow_pickle(tmp_path):
+    path = save_bert(tmp_path / "bert", head=True)
+    state = canfast.load(str(path)).hf.state_dict()
+    (path / "model.safetensors").unlink()
+    torch.save(state, path / "pytorch_model.bin")
+    with pytest.raises(BadInput, match="allow-pickle"):
+        canfast.load(str(path))
+    model = canfast.load(str(path), allow_pickle=True)
+    assert torch.equal(model.hf.state_dict()["cls.predictions.bias"], state["cls.predictions.bias"])
+
+
+@pytest.mark.parametrize(
+    "name", ["./no/such/model", "~/no-such-model-dir-canfast", "/no/such/model", "{tmp}/missing"]
+)
+def test_a_local_looking_model_path_that_does_not_exist_fails_at_once(tmp_path, name):
+    with pytest.raises(BadInput, match="model not found"):
+        canfast.load(name.format(tmp=tmp_path))
+
+
+def test_a_missing_model_under_an_existing_folder_is_local(tmp_path, monkeypatch):
+    (tmp_path / "models").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(BadInput, match="model not found"):
+        canfast.load("models/minilm")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_bad_input():
+    with pytest.raises(BadInput, match="CUDA is not available"):
+        canfast.load("builtin:tiny-llava", device="cuda")
+
+
+def test_an_unknown_device_is_bad_input():
+    with pytest.raises(BadInput, match="unknown device"):
+        canfast.load("builtin:tiny-llava", device="gpu0")
+
+
+# ----- objectives for sentence encoders ------------------------------------------------------
+
+
+def reference_contrastive(embedding: torch.Tensor, temperature: float) -> torch.Tensor:
+    """InfoNCE written out row by row in float64."""
+    e = embedding.double()
+    e = e / e.norm(dim=-1, keepdim=True)
+    losses = []
+    for i in range(e.shape[0]):
+        partner = i + 1 if i % 2 == 0 else i - 1
+        others = [j for j in range(e.shape[0]) if j != i]
+        logits = torch.stack([e[i] @ e[j] / temperature for j in others])
+        losses.append(-(logits[others.index(partner)] - torch.logsumexp(logits, 0)))
+    return torch.stack(losses)
+
+
+def test_contrastive_matches_the_loss_written_out(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    batch = model.encode([Sample(None, s) for s in SENTENCES])
+    outputs = model.forward(batch)
+    got = contrastive(outputs, batch, temperature=0.1)
+    want = reference_contrastive(sentence_embedding(outputs, batch), 0.1)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert got.shape == (len(SENTENCES),)
+    # Identical embeddings (a collapsed encoder) give every row ln(B - 1).
+    same = torch.ones(len(SENTENCES), 16)
+    flat = reference_contrastive(same, 0.1)
+    torch.testing.assert_close(flat, torch.full_like(flat, float(torch.log(torch.tensor(7.0)))))
+
+
+def test_mean_pooling_ignores_padding(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    alone = model.encode([Sample(None, SENTENCES[1])])
+    padded = model.encode([Sample(None, SENTENCES[1]), Sample(None, SENTENCES[2])])
+    a = sentence_embedding(model.forward(alone), alone)[0]
+    b = sentence_embedding(model.forward(padded), padded)[0]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_contrastive_refuses_a_batch_that_splits_a_pair(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    batch = model.encode([Sample(None, s) for s in SENTENCES[:3]])
+    with pytest.raises(BadInput, match="even"):
+        contrastive(model.forward(batch), batch)
+
+
+def test_embedding_drift_is_zero_unmasked_and_grows_with_masking(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    samples = [Sample(None, s) for s in SENTENCES]
+    drift = embedding_drift(model, samples, batch_size=3)
+    batch = model.encode(samples[2:6])  # other batches, other padding: keys still match
+    assert float(drift(model.forward(batch), batch).abs().max()) < 1e-5
+    every = canfast.NeuronSet.from_ids(
+        [f"{site.name}:{j}" for site in model.sites(kinds=["up"]) for j in range(site.channels)]
+    )
+    with canfast.masked(model, every):
+        moved = drift(model.forward(batch), batch)
+    assert bool((moved > 1e-4).all()) and bool((moved <= 2).all())
+    stacked = batch.repeat(3)
+    assert drift(model.forward(stacked), stacked).shape == (12,)
+
+
+def test_embedding_drift_refuses_samples_it_has_not_seen(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    drift = embedding_drift(model, [Sample(None, SENTENCES[0])])
+    batch = model.encode([Sample(None, SENTENCES[1])])
+    with pytest.raises(BadInput, match="unmasked embedding"):
+        drift(model.forward(batch), batch)
+
+
+def readme_block(heading: str) -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split(heading, 1)[1]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def test_the_readme_sentence_encoder_example_runs(encoder_dir, monkeypatch, tmp_path):
+    code = readme_block("### Sentence encoders")
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": s}) + "\n" for s in SENTENCES))
+    code = code.replace('"models/all-MiniLM-L6-v2"', repr(str(encoder_dir)))
+    code = code.replace('"pairs.jsonl"', repr(str(data)))
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    scores, result = namespace["scores"], namespace["result"]
+    assert scores.meta["objective"] == "contrastive"
+    assert sum(float(v.abs().sum()) for v in scores.values.values()) > 0
+    assert result.ppl0 == pytest.approx(1.0, abs=1e-5)  # exp(mean drift) with no mask: 1
+
+
+# ----- data files ----------------------------------------------------------------------------
+
+
+def test_a_non_utf8_jsonl_line_is_named(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b'{"prompt": "fine"}\n{"prompt": "caf\xe9"}\n')
+    with pytest.raises(BadInput, match=r"data\.jsonl:2: not UTF-8"):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize("target", ["", "   ", "\n\t"])
+def test_empty_or_whitespace_targets_are_refused(tmp_path, target):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"prompt": "p", "target": target}) + "\n")
+    with pytest.raises(BadInput, match=r"data\.jsonl:1: .*empty"):
+        load_jsonl(path)
+
+
+def test_unknown_jsonl_keys_are_named_in_one_warning(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "a", "answer": "x", "label": 1}, {"prompt": "b", "answer": "y"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.warns(UserWarning) as caught:
+        samples = load_jsonl(path)
+    assert len(samples) == 2
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "answer" in messages[0] and "label" in messages[0]
+
+
+# ----- images: decoded lazily, one batch at a time -------------------------------------------
+
+
+def write_png(path: Path, size: tuple[int, int], seed: int = 0) -> Path:
+    import numpy as np
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels, "RGB").save(path)
+    return path
+
+
+def test_jsonl_samples_keep_paths_not_pixels(tmp_path):
+    write_png(tmp_path / "a.png", (32, 24))
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"image": "a.png", "prompt": "p"}) + "\n")
+    (sample,) = load_jsonl(path)
+    assert isinstance(sample.image, Path)
+    image = sample.load_image()
+    assert image.size == (32, 24) and image.mode == "RGB"
+    assert sample.load_image() is not image  # decoded afresh, never kept
+
+
+def test_an_in_memory_image_still_works():
+    picture = Image.new("RGB", (8, 8), "red")
+    sample = Sample(picture, "p")
+    assert sample.load_image() is picture
+
+
+def test_large_images_are_reduced_to_what_the_processor_needs(tmp_path):
+    write_png(tmp_path / "big.png", (900, 600))
+    sample = Sample(tmp_path / "big.png", "p")
+    image = sample.load_image(need=100)
+    assert min(image.size) >= 200 and min(image.size) < 600
+    assert image.size[0] / image.size[1] == pytest.approx(1.5, rel=0.02)
+    assert sample.load_image(need=400).size == (900, 600)  # never reduced below 2x need
+
+
+def test_an_image_over_the_decompression_limit_is_bad_input(tmp_path, monkeypatch):
+    write_png(tmp_path / "bomb.png", (100, 100))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 80 * 80)
+    with pytest.raises(BadInput, match=r"bomb\.png is 100x100 = 10000 pixels, over the.* limit"):
+        Sample(tmp_path / "bomb.png", "p").load_image()
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40 * 40)  # where Pillow itself refuses
+    with pytest.raises(BadInput, match=r"bomb\.png is over .* decoding limit"):
+        Sample(tmp_path / "bomb.png", "p").load_image()
+
+
+def test_a_missing_image_is_named_with_its_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps({"image": "gone.png", "prompt": "p"}) + "\n")
+    with pytest.raises(BadInput, match=r"data\.jsonl:1: image not found"):
+        load_jsonl(path)
