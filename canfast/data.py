@@ -163,6 +163,20 @@ def _lines(path: Path) -> Iterator[tuple[int, str]]:
             ) from None
 
 
+IMAGE_PLACEHOLDER = "<image>"
+
+
+def check_prompt(prompt: str, where: str) -> str:
+    """Refuse a prompt with more than one image placeholder: a sample carries one image."""
+    count = prompt.count(IMAGE_PLACEHOLDER)
+    if count > 1:
+        raise BadInput(
+            f"{where}: the prompt has {count} image placeholders ({IMAGE_PLACEHOLDER}); a sample "
+            "carries one image"
+        )
+    return prompt
+
+
 def load_jsonl(path: str | Path) -> list[Sample]:
     """Read ``{"image": path?, "prompt": str, "target": str?, "category": str?}`` lines.
 
@@ -188,6 +202,7 @@ def load_jsonl(path: str | Path) -> list[Sample]:
         for key in ("image", "target", "category"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise BadInput(f'{where}: "{key}" must be a string')
+        check_prompt(record["prompt"], where)
         target = record.get("target")
         if target is not None and not target.strip():
             raise BadInput(f'{where}: "target" is empty; give the answer, or leave the key out')
@@ -219,6 +234,7 @@ def load_image_folder(folder: str | Path, prompt: str) -> list[Sample]:
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
         raise BadInput(f"{folder}: no images in the folder")
+    check_prompt(prompt, "--prompt")
     return [Sample(image=check_image(p, str(folder)), prompt=prompt) for p in paths]
 
 

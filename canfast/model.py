@@ -430,8 +430,8 @@ def _looks_local(name: str) -> bool:
     return str(parent) not in ("", ".") and parent.is_dir()
 
 
-def _check_local(name: str, allow_pickle: bool) -> None:
-    """Refuse a local model directory that cannot be loaded, before transformers tries."""
+def _check_local(name: str) -> None:
+    """Refuse a missing local model directory at once, before transformers asks the Hub."""
     local = Path(name).expanduser()
     if not local.exists():
         if _looks_local(name):
@@ -441,6 +441,13 @@ def _check_local(name: str, allow_pickle: bool) -> None:
         raise BadInput(f"model {name} is a file; pass the directory that holds it")
     if not (local / "config.json").is_file():
         raise BadInput(f"model {name}: no config.json in the directory")
+
+
+def _check_weights(name: str, allow_pickle: bool) -> None:
+    """Refuse a local model directory without weights, or with pickle weights only."""
+    local = Path(name).expanduser()
+    if not local.is_dir():
+        return
     weights = [p.name for pattern in WEIGHT_FILES for p in local.glob(pattern)]
     if not weights:
         raise BadInput(f"model {name}: no weights in the directory (expected model.safetensors)")
@@ -464,12 +471,13 @@ def _load_pretrained(
     from safetensors import SafetensorError
     from transformers import AutoConfig
 
-    _check_local(name, allow_pickle)
+    _check_local(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         raise BadInput(f"cannot load model {name!r}: {_first_line(exc)}") from None
     adapter = adapter_for(config.model_type)
+    _check_weights(name, allow_pickle)
     family_task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else adapter.task
     if task == "base":
         auto_model = transformers.AutoModel

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from canfast import __version__, ops
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
-from canfast.io import load_tensors, save_tensors
+from canfast.io import check_finite, load_tensors, save_tensors
 from canfast.model import Batch, Model
 from canfast.objective import Objective, mean_nll, with_targets
 from canfast.sites import NeuronSet, Site
@@ -85,6 +85,9 @@ class Scores:
     @classmethod
     def load(cls, path) -> Scores:
         tensors, meta = load_tensors(path)
+        check_finite(path, tensors)
+        if not meta.get("model_fingerprint"):
+            raise BadInput(f"{path}: no model fingerprint, so no model can be checked against it")
         values = {k: v for k, v in tensors.items() if "@" not in k}
         order = meta.pop(SITE_ORDER, None)
         if order is not None:

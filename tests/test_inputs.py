@@ -9,7 +9,10 @@ tokenizer built offline.
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -348,3 +351,141 @@ def test_a_missing_image_is_named_with_its_line(tmp_path):
     path.write_text(json.dumps({"image": "gone.png", "prompt": "p"}) + "\n")
     with pytest.raises(BadInput, match=r"data\.jsonl:1: image not found"):
         load_jsonl(path)
+
+
+# ----- score files ---------------------------------------------------------------------------
+
+
+def scores_file(path: Path, value: float, meta: dict[str, str]) -> Path:
+    from canfast.io import save_tensors
+
+    save_tensors(path, {"language.0.up": torch.tensor([1.0, value])}, meta)
+    return path
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_a_scores_file_with_nan_or_inf_is_refused(tmp_path, value):
+    path = scores_file(tmp_path / "s.safetensors", value, {"model_fingerprint": "abc"})
+    with pytest.raises(BadInput, match="language.0.up holds 1 NaN or infinite"):
+        canfast.Scores.load(path)
+
+
+def test_a_scores_file_without_a_model_fingerprint_is_refused(tmp_path):
+    path = scores_file(tmp_path / "s.safetensors", 2.0, {"model": "x"})
+    with pytest.raises(BadInput, match="no model fingerprint"):
+        canfast.Scores.load(path)
+    fine = scores_file(tmp_path / "t.safetensors", 2.0, {"model_fingerprint": "abc"})
+    assert canfast.Scores.load(fine).meta["model_fingerprint"] == "abc"
+
+
+def test_a_prompt_with_two_image_placeholders_is_refused(tmp_path):
+    path = tmp_path / "data.jsonl"
+    rows = [{"prompt": "<image> what ?"}, {"prompt": "<image> and <image> ?"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(BadInput, match=r"data\.jsonl:2: the prompt has 2 image placeholders"):
+        load_jsonl(path)
+
+
+# ----- the command line: one line on stderr, exit 2, no traceback, nothing written -----------
+
+
+def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home")}
+    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(
+        [sys.executable, "-m", "canfast.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def assert_bad_input(result: subprocess.CompletedProcess, *named: str) -> str:
+    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+    assert result.returncode == 2, shown
+    assert "Traceback" not in result.stderr, shown
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("canfast: error: "), shown
+    for name in named:
+        assert name in lines[0], f"{name!r} not in {lines[0]}"
+    return lines[0]
+
+
+def nothing_written(cwd: Path) -> bool:
+    runs = cwd / "runs"
+    return not runs.exists() or not any(runs.iterdir())
+
+
+def broken_models(root: Path) -> dict[str, Path]:
+    """Model directories a user might point canfast at by mistake."""
+    good = save_bert(root / "good", head=True)
+    made = {"encoder": save_bert(root / "encoder", head=False)}
+    for name in ("truncated", "empty", "pickle"):
+        shutil.copytree(good, root / name)
+        made[name] = root / name
+    weights = made["truncated"] / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    (made["empty"] / "model.safetensors").unlink()
+    (made["pickle"] / "model.safetensors").unlink()
+    torch.save(canfast.load(str(good)).hf.state_dict(), made["pickle"] / "pytorch_model.bin")
+    return made
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    return broken_models(tmp_path_factory.mktemp("models"))
+
+
+@pytest.mark.parametrize(
+    ("which", "named"),
+    [
+        ("truncated", ["truncated", "safetensors"]),
+        ("empty", ["empty", "no weights"]),
+        ("pickle", ["pytorch_model.bin", "--allow-pickle"]),
+        ("encoder", ["no weights for", "--task base"]),
+        ("./no/such/model", ["model not found"]),
+    ],
+)
+def test_cli_refuses_models_it_cannot_stand_behind(models, tmp_path, which, named):
+    model = models.get(which, which)
+    assert_bad_input(run_cli("sites", "--model", model, cwd=tmp_path), *named)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cli_device_cuda_without_cuda(tmp_path):
+    result = run_cli("sites", "--device", "cuda", cwd=tmp_path)
+    assert_bad_input(result, "cuda", "CUDA is not available")
+
+
+DATA_FILES = {
+    "latin1.jsonl": (b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n', ["latin1.jsonl:2", "UTF-8"]),
+    "blank.jsonl": (b'{"prompt": "a", "target": "  "}\n', ["blank.jsonl:1", "empty"]),
+    "two.jsonl": (b'{"prompt": "<image> <image> ?"}\n', ["two.jsonl:1", "placeholders"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(DATA_FILES))
+def test_cli_refuses_bad_data_files_before_any_work(tmp_path, name):
+    content, named = DATA_FILES[name]
+    (tmp_path / name).write_bytes(content)
+    result = run_cli("score", "--data", name, "--targets", "given", cwd=tmp_path)
+    assert_bad_input(result, *named)
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("value", "meta", "named"),
+    [
+        (float("nan"), {"model_fingerprint": "x"}, ["NaN or infinite"]),
+        (1.0, {"model": "builtin:tiny-llava"}, ["no model fingerprint"]),
+    ],
+)
+def test_cli_refuses_score_files_it_cannot_trust(tmp_path, value, meta, named):
+    scores_file(tmp_path / "scores.safetensors", value, meta)
+    result = run_cli("sweep", "--scores", "scores.safetensors", "--limit", "2", cwd=tmp_path)
+    assert_bad_input(result, "scores.safetensors", *named)
+    assert nothing_written(tmp_path)
