@@ -390,3 +390,58 @@ def check_finite(path: str | Path, tensors: dict[str, Tensor]) -> None:
         if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             bad = int((~tensor.isfinite()).sum())
             raise BadInput(f"{path}: {key} holds {bad} NaN or infinite values")
+
+
+# ----- neurons.json --------------------------------------------------------------------------
+
+
+def tie_groups(scores: list[float]) -> list[tuple[int, int]]:
+    """``(first index, size)`` of every run of equal scores longer than one, in a ranking
+    sorted best first."""
+    groups, start = [], 0
+    for i in range(1, len(scores) + 1):
+        if i == len(scores) or scores[i] != scores[start]:
+            if i - start > 1:
+                groups.append((start, i - start))
+            start = i
+    return groups
+
+
+def neuron_records(ranking) -> list[dict]:
+    """The records of ``neurons.json``: ``{"neuron", "score", "rank"}`` best first, where
+    neurons with equal scores share the rank of the first of them, and carry ``"tied"``: how
+    many share it. The order within a tie is site order, then channel order: it means nothing,
+    and the file says so."""
+    ids = ranking.ids()
+    scores = list(ranking.scores) if ranking.scores is not None else [None] * len(ids)
+    records = [
+        {"neuron": n, "score": s, "rank": i + 1} for i, (n, s) in enumerate(zip(ids, scores))
+    ]
+    if ranking.scores is not None:
+        for start, size in tie_groups(scores):
+            for record in records[start : start + size]:
+                record["rank"] = start + 1
+                record["tied"] = size
+    return records
+
+
+def describe_ties(ranking, shown: int | None = None) -> str | None:
+    """One line on the ties of a ranking, or None when it has none that matter: the largest
+    tie, and whether the first ``shown`` neurons end inside one."""
+    if ranking.scores is None:
+        return None
+    groups = tie_groups(list(ranking.scores))
+    if not groups:
+        return None
+    start, size = max(groups, key=lambda g: g[1])
+    tied = sum(g[1] for g in groups)
+    line = (
+        f"ties: {tied} of {len(ranking)} neurons share a score with another (the largest tie: "
+        f"{size} neurons at {ranking.scores[start]:.6g}, ranks {start + 1}-{start + size}); "
+        "their order within a tie means nothing"
+    )
+    if shown is not None:
+        cut = [g for g in groups if g[0] < shown < g[0] + g[1]]
+        if cut:
+            line += f"; the top {shown} ends inside a tie of {cut[0][1]}"
+    return line

@@ -3,8 +3,11 @@
 
     S[i, j] = mean_t |dL_i/da[i, t, j]| ** alpha * |a[i, t, j]|      I[j] = mean_i S[i, j]
 
-Gradients come from the sum of per-sample losses, so each sample's gradient is its own.
-Parameters never receive gradients.
+Gradients come from the sum of per-sample losses, so each sample's gradient is its own when
+each sample's loss depends on that sample alone (the default NLL, and any objective that reads
+one row at a time). A loss that compares the samples of a batch (an in-batch contrastive loss)
+couples them: each sample's gradient then depends on the batch it shares. Parameters never
+receive gradients.
 """
 
 from __future__ import annotations
@@ -235,6 +238,22 @@ class _Collector:
         self.pending.clear()
 
 
+def check_signal(values: dict[str, Tensor], nll: bool, tokens: int, loss: float) -> None:
+    """Refuse scores that rank nothing: every one of them would be 0, and a ranking of ties."""
+    if nll and tokens == 0:
+        raise BadInput(
+            "no sample has a target token to score (a masked LM scores its [MASK] tokens: "
+            "no prompt has one); give targets, or a custom objective="
+        )
+    if loss == 0.0:
+        raise BadInput("the loss is exactly 0 on every sample: there is no gradient to score")
+    if all(not bool(v.any()) for v in values.values()):
+        raise BadInput(
+            "every gradient at the chosen sites is 0: the loss does not depend on them, so "
+            "every score is 0"
+        )
+
+
 def score(
     model: Model,
     samples: Sequence[Sample],
@@ -253,7 +272,11 @@ def score(
     """CAN scores of every neuron of the chosen sites (all FFN sites by default).
 
     ``targets="self"`` scores the model's own greedy answers; ``"given"`` the data's targets.
-    ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``.
+    ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``;
+    ``S[i, j]`` is sample ``i``'s own only when its loss depends on no other sample of its batch.
+
+    A run that cannot rank anything is bad input, naming why: no target token to score, a loss
+    that is zero on every sample, or a gradient that is zero at every chosen site.
     """
     alpha = check_alpha(alpha)
     chosen = model.sites(unit, sites, components, kinds)
@@ -264,6 +287,7 @@ def score(
     loss_fn = objective or mean_nll
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
+    seen = [0, 0.0]  # target tokens, sum of |loss|
     try:
         with _Collector(chosen, alpha, backend) as collector, torch.enable_grad():
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
@@ -271,6 +295,8 @@ def score(
                 batch = model.encode(chunk).to(model.device)
                 collector.batch = batch
                 losses = loss_fn(model.forward(batch), batch)
+                seen[0] += int(batch.target_mask.sum())
+                seen[1] += float(losses.detach().abs().sum())
                 total = losses.sum()
                 if total.requires_grad:
                     total.backward()
@@ -283,6 +309,7 @@ def score(
     values, stats = {}, {}
     for site in chosen:
         values[site.name], stats[site.name] = collector.totals[site.name].result()
+    check_signal(values, objective is None, *seen)
     meta = {
         "alpha": repr(alpha),
         "unit": unit,

@@ -489,3 +489,74 @@ def test_cli_refuses_score_files_it_cannot_trust(tmp_path, value, meta, named):
     result = run_cli("sweep", "--scores", "scores.safetensors", "--limit", "2", cwd=tmp_path)
     assert_bad_input(result, "scores.safetensors", *named)
     assert nothing_written(tmp_path)
+
+
+# ----- rankings that mean nothing are refused, ties are said -----------------------------------
+
+
+def test_scoring_without_a_target_token_is_refused(tmp_path):
+    # A masked LM whose prompts have no [MASK]: every score would be exactly 0.
+    path = save_bert(tmp_path / "bert", head=True)
+    model = canfast.load(str(path))
+    samples = [Sample(None, s, "") for s in SENTENCES[:2]]
+    with pytest.raises(BadInput, match="no sample has a target token"):
+        canfast.score(model, samples, targets="given", progress=False)
+
+
+def test_a_loss_that_is_zero_everywhere_is_refused(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+
+    def nothing(outputs, batch):
+        return outputs.last_hidden_state.sum(dim=(1, 2)) * 0.0
+
+    with pytest.raises(BadInput, match="loss is exactly 0"):
+        canfast.score(
+            model, [Sample(None, s) for s in SENTENCES[:2]], objective=nothing, progress=False
+        )
+
+
+def test_gradients_that_are_zero_at_every_site_are_refused(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+
+    def embeddings_only(outputs, batch):
+        # Depends on the input embeddings alone: no FFN site is on its path.
+        return outputs.hidden_states[0].pow(2).mean(dim=(1, 2))
+
+    model.hf.config.output_hidden_states = True
+    with pytest.raises(BadInput, match="every gradient at the chosen sites is 0"):
+        canfast.score(
+            model,
+            [Sample(None, s) for s in SENTENCES[:2]],
+            objective=embeddings_only,
+            progress=False,
+        )
+
+
+def test_contrastive_scores_a_sentence_encoder(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    scores = canfast.score(
+        model,
+        [Sample(None, s) for s in SENTENCES],
+        objective=contrastive,
+        batch_size=4,
+        progress=False,
+    )
+    ranking = scores.ranking()
+    assert ranking.scores[0] > ranking.scores[-1] >= 0
+
+
+def test_ties_are_recorded_in_neurons_json_and_described():
+    from canfast.io import describe_ties, neuron_records
+
+    scores = canfast.Scores(
+        {"b.0.up": torch.tensor([1.0, 3.0, 0.0]), "a.0.up": torch.tensor([3.0, 0.0, 0.0])}
+    )
+    ranking = scores.ranking()
+    records = neuron_records(ranking)
+    assert [r["rank"] for r in records] == [1, 1, 3, 4, 4, 4]
+    assert [r.get("tied") for r in records] == [2, 2, None, 3, 3, 3]
+    line = describe_ties(ranking, shown=5)
+    assert "5 of 6 neurons" in line and "3 neurons at 0" in line and "inside a tie of 3" in line
+    distinct = canfast.Scores({"a.0.up": torch.tensor([1.0, 2.0, 3.0])}).ranking()
+    assert describe_ties(distinct) is None
+    assert all("tied" not in r for r in neuron_records(distinct))
