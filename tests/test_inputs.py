@@ -560,3 +560,21 @@ def test_ties_are_recorded_in_neurons_json_and_described():
     distinct = canfast.Scores({"a.0.up": torch.tensor([1.0, 2.0, 3.0])}).ranking()
     assert describe_ties(distinct) is None
     assert all("tied" not in r for r in neuron_records(distinct))
+
+
+def test_images_on_disk_encode_like_images_in_memory(tmp_path):
+    """The batch decodes paths itself: the same pixels as a PIL image give the same inputs, and
+    a large image is reduced first (to twice the processor's side) and still encodes."""
+    model = tiny_models.wrap("llava")
+    pictures = [tiny_models.image(i) for i in range(2)]
+    for i, picture in enumerate(pictures):
+        picture.save(tmp_path / f"{i}.png")
+    in_memory = [Sample(p, "what colour ?", "red") for p in pictures]
+    on_disk = [Sample(tmp_path / f"{i}.png", "what colour ?", "red") for i in range(2)]
+    a, b = model.encode(in_memory), model.encode(on_disk)
+    assert a.inputs.keys() == b.inputs.keys()
+    for key in a.inputs:
+        assert torch.equal(a.inputs[key], b.inputs[key]), key
+    write_png(tmp_path / "big.png", (640, 480))
+    big = model.encode([Sample(tmp_path / "big.png", "what colour ?", "red")])
+    assert big.inputs["pixel_values"].shape[1:] == a.inputs["pixel_values"].shape[1:]

@@ -12,7 +12,6 @@ import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -231,4 +230,3 @@ def test_a_killed_overwrite_leaves_the_earlier_run_whole(tmp_path, how):
     complete_run(out, {"neurons.json": "[]"}, overwrite=True)
     assert listing(out) == [MANIFEST, "neurons.json"]
     assert siblings(out) == []
-    time.sleep(0)
