@@ -578,3 +578,12 @@ def test_images_on_disk_encode_like_images_in_memory(tmp_path):
     write_png(tmp_path / "big.png", (640, 480))
     big = model.encode([Sample(tmp_path / "big.png", "what colour ?", "red")])
     assert big.inputs["pixel_values"].shape[1:] == a.inputs["pixel_values"].shape[1:]
+
+
+def test_a_huge_schedule_range_is_bounded_by_the_neuron_count():
+    from canfast.sweep.schedule import parse_schedule
+
+    assert parse_schedule("1:1000000000000", 5) == [1, 2, 3, 4, 5]
+    assert parse_schedule("-1000000000000:3,4", 10) == [1, 2, 3, 4]
+    with pytest.raises(BadInput, match="schedule"):
+        parse_schedule("1:10:0", 10)
