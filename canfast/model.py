@@ -203,15 +203,15 @@ class Model:
         masked LM is scored at its mask tokens, the target being the tokens that fill them.
         """
         if self.task == "base":
-            return self._encode_inputs(samples)
+            return check_encoded(self, samples, self._encode_inputs(samples))
         missing = [s.prompt for s in samples if s.target is None]
         if missing:
             raise ValueError(f"encode needs targets; {len(missing)} samples have none")
         if self.task == "masked":
-            return self._encode_masked(samples)
+            return check_encoded(self, samples, self._encode_masked(samples))
         if self.task == "seq2seq":
-            return self._encode_seq2seq(samples)
-        return self._encode_causal(samples)
+            return check_encoded(self, samples, self._encode_seq2seq(samples))
+        return check_encoded(self, samples, self._encode_causal(samples))
 
     def _eos(self) -> list[int]:
         eos = self.tokenizer.eos_token_id
@@ -341,6 +341,47 @@ class Model:
     def __repr__(self) -> str:
         n = sum(s.channels for s in self.all_sites("out"))
         return f"Model({self.name!r}, family={self.adapter.family}, {n} FFN neurons)"
+
+
+def max_positions(config) -> int | None:
+    """The most token positions a model takes, from its (text) config; None when it has no hard
+    limit (relative positions, as T5)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    text = getattr(config, "text_config", None) or config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_encoded(model: Model, samples: Sequence[Sample], batch: Batch) -> Batch:
+    """Refuse a batch the model cannot read or whose score would mean nothing: a sample longer
+    than the model's positions (it is refused, never truncated), or a target made only of
+    unknown tokens."""
+    limit = max_positions(model.hf.config)
+    valid = batch.valid.get("language")
+    if limit is not None and valid is not None and valid.shape[1] > limit:
+        for sample, length in zip(samples, valid.sum(dim=1).tolist(), strict=True):
+            if length > limit:
+                raise BadInput(
+                    f"a sample is {length} tokens long, over the {limit} positions "
+                    f"{model.name} takes (prompt {sample.prompt[:40]!r}); shorten it"
+                )
+    tok = model.tokenizer
+    unk = tok.unk_token_id
+    if unk is None or model.task == "base":
+        return batch
+    special = set(tok.all_special_ids) - {unk}
+    for sample, row in zip(samples, batch.labels.tolist(), strict=True):
+        scored = [t for t in row if t != IGNORE and t not in special]
+        if scored and all(t == unk for t in scored):
+            raise BadInput(
+                f"target {sample.target!r} becomes {len(scored)} unknown tokens "
+                f"({tok.unk_token}) only: the tokenizer of {model.name} cannot read it"
+            )
+    return batch
 
 
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:

@@ -587,3 +587,17 @@ def test_a_huge_schedule_range_is_bounded_by_the_neuron_count():
     assert parse_schedule("-1000000000000:3,4", 10) == [1, 2, 3, 4]
     with pytest.raises(BadInput, match="schedule"):
         parse_schedule("1:10:0", 10)
+
+
+def test_a_prompt_longer_than_the_model_positions_is_refused(mlm_dir):
+    model = canfast.load(str(mlm_dir))
+    long = " ".join(["the square is red ."] * 20) + " [MASK]"
+    with pytest.raises(BadInput, match=r"tokens long, over the 64 positions"):
+        model.encode([Sample(None, long, "red")])
+
+
+def test_a_target_of_unknown_tokens_only_is_refused_saying_how_many():
+    model = tiny_models.wrap("llama")
+    with pytest.raises(BadInput, match=r"becomes 3 unknown tokens \(<unk>\) only"):
+        model.encode([Sample(None, "what color is the square ?", "zebra quokka okapi")])
+    model.encode([Sample(None, "what color is the square ?", "red zebra")])  # one known: fine
