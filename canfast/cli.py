@@ -731,7 +731,11 @@ def main(argv: list[str] | None = None) -> None:
     except _NO_ARGS as exc:
         exc.show()
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort (from the KeyboardInterrupt): still an interrupt.
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            click.echo("canfast: interrupted", err=True)
+            sys.exit(130)
         click.echo("canfast: aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:

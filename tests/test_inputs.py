@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -601,3 +602,25 @@ def test_a_target_of_unknown_tokens_only_is_refused_saying_how_many():
     with pytest.raises(BadInput, match=r"becomes 3 unknown tokens \(<unk>\) only"):
         model.encode([Sample(None, "what color is the square ?", "zebra quokka okapi")])
     model.encode([Sample(None, "what color is the square ?", "red zebra")])  # one known: fine
+
+
+def test_cli_ctrl_c_exits_130_saying_interrupted(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "canfast.cli", "score", "--out", "run", "--batch-size", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    seen = b""
+    while b"scoring" not in seen and b"generat" not in seen:
+        byte = proc.stderr.read(1)
+        assert byte, f"ended before scoring: {seen.decode(errors='replace')}"
+        seen += byte
+    proc.send_signal(signal.SIGINT)
+    _, rest = proc.communicate(timeout=120)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == 130, err
+    assert "canfast: interrupted" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
