@@ -261,8 +261,8 @@ class RunDir:
         if not path.is_dir():
             return
         present = [p for p in path.iterdir()]
-        if not present:
-            return
+        if not present or self.amend:
+            return  # amending keeps every file and folder already there
         if not self.overwrite:
             raise BadInput(
                 f"output directory {path} already exists; pass --overwrite to replace it"
@@ -283,12 +283,13 @@ class RunDir:
             raise BadInput(f"cannot write output {self.path}: {exc.strerror or exc}") from None
         self.stage = stage
         if self.amend:
+            # Hard links: the copy costs no space, and files are replaced by rename, never
+            # written in place, so the run being amended stays as it was until the swap.
             for item in self.path.iterdir():
-                if item.is_file() and item.name != MANIFEST:
-                    try:
-                        os.link(item, stage / item.name)
-                    except OSError:
-                        shutil.copy2(item, stage / item.name)
+                if item.is_dir():
+                    shutil.copytree(item, stage / item.name, copy_function=_link_or_copy)
+                elif item.name != MANIFEST:
+                    _link_or_copy(item, stage / item.name)
 
     def _trap_sigterm(self) -> None:
         # SIGTERM ends Python without unwinding; turned into SystemExit, it runs the cleanup.
@@ -364,6 +365,13 @@ class RunDir:
                 self.commit()
         finally:
             self.close()
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
 
 
 def _is_run_file(path: Path) -> bool:

@@ -88,12 +88,25 @@ def test_commit_with_a_failed_step_keeps_the_files_and_says_what_failed(tmp_path
     assert manifest["files"] == ["sweep.json"]
 
 
-def test_amend_adds_files_to_an_existing_run(tmp_path):
+def test_amend_adds_files_to_an_existing_run_keeping_everything(tmp_path):
     out = complete_run(tmp_path / "run", {"sweep.json": "{}"})
+    (out / "notes.txt").write_text("mine")
+    (out / "extra").mkdir()
+    (out / "extra" / "a.txt").write_text("a")
     with RunDir(out, amend=True) as run:
         run.file("report.html").write_text("<html>")
-    assert listing(out) == [MANIFEST, "report.html", "sweep.json"]
-    assert read_manifest(out)["files"] == ["report.html", "sweep.json"]
+        (out / "sweep.json").read_text()  # the run is readable, untouched, meanwhile
+    assert listing(out) == [MANIFEST, "extra", "notes.txt", "report.html", "sweep.json"]
+    assert (out / "extra" / "a.txt").read_text() == "a"
+    assert "report.html" in read_manifest(out)["files"]
+
+
+def test_a_failed_amend_leaves_the_run_as_it_was(tmp_path):
+    out = complete_run(tmp_path / "run", {"sweep.json": "{}"})
+    with pytest.raises(RuntimeError), RunDir(out, amend=True) as run:
+        run.file("report.html").write_text("half")
+        raise RuntimeError("figure failed")
+    assert listing(out) == [MANIFEST, "sweep.json"]
 
 
 # ----- checked before any work ---------------------------------------------------------------
