@@ -96,7 +96,7 @@ def test_amend_adds_files_to_an_existing_run_keeping_everything(tmp_path):
     with RunDir(out, amend=True) as run:
         run.file("report.html").write_text("<html>")
         (out / "sweep.json").read_text()  # the run is readable, untouched, meanwhile
-    assert listing(out) == [MANIFEST, "extra", "notes.txt", "report.html", "sweep.json"]
+    assert listing(out) == ["extra", MANIFEST, "notes.txt", "report.html", "sweep.json"]
     assert (out / "extra" / "a.txt").read_text() == "a"
     assert "report.html" in read_manifest(out)["files"]
 
