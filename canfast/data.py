@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from canfast.errors import BadInput
+from canfast.errors import BadInput, warn
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
@@ -219,11 +219,8 @@ def load_jsonl(path: str | Path) -> list[Sample]:
     if not samples:
         raise BadInput(f"{path}: no samples in the file")
     if unknown:
-        warnings.warn(
-            f"{path}: ignoring unknown keys {', '.join(sorted(unknown))} (known: "
-            f"{', '.join(KEYS)})",
-            UserWarning,
-            stacklevel=2,
+        warn(
+            f"{path}: ignoring unknown keys {', '.join(sorted(unknown))} (known: {', '.join(KEYS)})"
         )
     return samples
 
