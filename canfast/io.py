@@ -194,8 +194,9 @@ class RunDir:
         for parent in [path, *path.parents]:
             if parent.exists():
                 if not parent.is_dir():
-                    where = "is a file" if parent == path else f"lies under the file {parent}"
-                    raise BadInput(f"output {path} {where}; --out must be a directory")
+                    if parent == path:
+                        raise BadInput(f"output {path} exists and is not a directory")
+                    raise BadInput(f"output {path} lies under {parent}, a file, not a directory")
                 break
         try:
             path.parent.mkdir(parents=True, exist_ok=True)

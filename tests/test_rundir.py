@@ -121,13 +121,13 @@ def test_an_existing_run_needs_overwrite(tmp_path):
 
 def test_out_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(BadInput, match="is a file"):
+    with pytest.raises(BadInput, match="exists and is not a directory"):
         RunDir(tmp_path / "f").open()
 
 
 def test_out_under_a_file_is_refused(tmp_path):
     (tmp_path / "f").write_text("x")
-    with pytest.raises(BadInput, match="under the file"):
+    with pytest.raises(BadInput, match="lies under .*, a file"):
         RunDir(tmp_path / "f" / "run").open()
 
 
