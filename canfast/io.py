@@ -168,6 +168,7 @@ class RunDir:
         self.stage: Path | None = None
         self._lock: Path | None = None
         self._old_sigterm = None
+        self._made: list[Path] = []
         self.committed = False
 
     # ----- start -------------------------------------------------------------------------------
@@ -178,13 +179,17 @@ class RunDir:
 
     def open(self) -> RunDir:
         self._check()
-        self._acquire()
+        try:
+            self._acquire()
+        except BaseException:
+            self.close()
+            raise
         try:
             self._recover()
             self._check_contents()
             self._make_stage()
         except BaseException:
-            self._release()
+            self.close()
             raise
         self._trap_sigterm()
         return self
@@ -198,8 +203,10 @@ class RunDir:
                         raise BadInput(f"output {path} exists and is not a directory")
                     raise BadInput(f"output {path} lies under {parent}, a file, not a directory")
                 break
+        missing = [p for p in path.parents if not p.exists()]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = missing  # removed again, if empty, when the run does not complete
         except OSError as exc:
             raise BadInput(f"cannot create output {path}: {exc.strerror or exc}") from None
         if not os.access(path.parent, os.W_OK | os.X_OK):
@@ -352,6 +359,13 @@ class RunDir:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
         self._release()
+        if not self.committed:
+            for made in self._made:  # innermost first
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+        self._made = []
 
     def _release(self) -> None:
         if self._lock is not None:
