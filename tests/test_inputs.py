@@ -9,6 +9,7 @@ tokenizer built offline.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -624,3 +625,187 @@ def test_cli_ctrl_c_exits_130_saying_interrupted(tmp_path):
     assert proc.returncode == 130, err
     assert "canfast: interrupted" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+# ----- wired through the pipeline and the CLI --------------------------------------------------
+
+
+def test_cli_out_under_a_file_fails_before_any_work(tmp_path):
+    (tmp_path / "a-file").write_text("x")
+    result = run_cli("score", "--out", "a-file/run", "--data", "missing.jsonl", cwd=tmp_path)
+    # --out is checked first: the data file is not even looked at.
+    assert_bad_input(result, "a-file", "not a directory")
+    assert (tmp_path / "a-file").read_text() == "x"
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["sweep", "--seeds", "-1"], ["--seeds", "-1"]),
+        (["bench"], ["bench"]),
+        (["sweep", "--criterion", "log"], ["--criterion"]),
+    ],
+)
+def test_cli_refuses_bad_options(tmp_path, args, named):
+    assert_bad_input(run_cli(*args, cwd=tmp_path), *named)
+    assert nothing_written(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("records", "k", "named"),
+    [
+        ([{"neuron": 17, "score": 1.0}], 1, ["record 1", "17", "not a neuron id"]),
+        ([{"neuron": "language.0.up:1", "score": 1.0}], 5, ["--k 5", "1 neurons"]),
+    ],
+)
+def test_cli_generate_refuses_bad_neuron_files(tmp_path, records, k, named):
+    (tmp_path / "neurons.json").write_text(json.dumps(records))
+    result = run_cli("generate", "--neurons", "neurons.json", "--k", str(k), cwd=tmp_path)
+    assert_bad_input(result, *named)
+
+
+def test_cli_loads_the_base_model_and_pickle_weights_when_asked(models, tmp_path):
+    result = run_cli("sites", "--model", models["encoder"], "--task", "base", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "language.1.down" in result.stdout
+    result = run_cli("sites", "--model", models["pickle"], "--allow-pickle", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_cli_a_masked_lm_without_mask_tokens_is_refused(models, tmp_path):
+    (tmp_path / "sentences.jsonl").write_text(
+        "".join(json.dumps({"prompt": s}) + "\n" for s in SENTENCES[:3])
+    )
+    good = models["encoder"].parent / "good"
+    result = run_cli("score", "--model", good, "--data", "sentences.jsonl", cwd=tmp_path)
+    assert_bad_input(result, "no sample has a target token")
+    assert nothing_written(tmp_path)
+
+
+FAST = ["--limit", "2", "--max-new-tokens", "3", "--batch-size", "2"]
+
+
+def earlier_run(path: Path) -> dict[str, bytes]:
+    """A finished sweep run's files, as a user would find them."""
+    path.mkdir()
+    for name in ("scores.safetensors", "neurons.json", "sweep.json", "report.html"):
+        (path / name).write_text(f"old {name}")
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_cli_score_overwrite_replaces_a_sweep_run_whole(tmp_path):
+    earlier_run(tmp_path / "run")
+    result = run_cli("score", "--out", "run", "--overwrite", *FAST, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "manifest.json",
+        "neurons.json",
+        "scores.safetensors",
+    ]
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def start_cli(args: list[str], cwd: Path) -> tuple[subprocess.Popen, bytes]:
+    """A CLI run, returned once it is scoring (past every check, holding its lock)."""
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "canfast.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    seen = b""
+    while b"scoring" not in seen:
+        byte = proc.stderr.read(1)
+        assert byte, f"ended before scoring: {seen.decode(errors='replace')}"
+        seen += byte
+    return proc, seen
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_cli_a_second_run_is_refused_and_a_killed_overwrite_keeps_the_earlier_run(tmp_path, how):
+    before = earlier_run(tmp_path / "run")
+    args = ["score", "--out", "run", "--overwrite", "--batch-size", "1", "--limit", "6"]
+    proc, seen = start_cli(args, tmp_path)
+    try:
+        second = run_cli("score", "--out", "run", "--overwrite", *FAST, cwd=tmp_path)
+        assert_bad_input(second, "in use by another canfast run", f"process {proc.pid}")
+    finally:
+        proc.send_signal(how)
+        _, rest = proc.communicate(timeout=120)
+    err = (seen + rest).decode(errors="replace")
+    assert proc.returncode == (130 if how == signal.SIGINT else 143), err
+    assert "Traceback" not in err
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def drift_setup(encoder_dir):
+    model = canfast.load(str(encoder_dir), task="base")
+    samples = [Sample(None, s) for s in SENTENCES]
+    scores = canfast.score(model, samples, objective=contrastive, batch_size=4, progress=False)
+    return model, samples, scores, embedding_drift(model, samples)
+
+
+def test_a_sweep_of_a_model_that_cannot_generate_skips_generations_and_says_so(encoder_dir):
+    from canfast.errors import CanfastWarning
+
+    model, samples, scores, drift = drift_setup(encoder_dir)
+    with pytest.warns(CanfastWarning, match="cannot generate"):
+        result = canfast.sweep(
+            model,
+            samples,
+            scores,
+            objective=drift,
+            schedule=[1, 8],
+            seeds=1,
+            generations=2,
+            criterion="delta",
+            tau=0.01,
+            progress=False,
+        )
+    assert result.info["generations"].startswith("skipped")
+    assert result.generations == []
+
+
+def test_the_delta_criterion_and_a_warning_when_collapse_cannot_be_reached(encoder_dir):
+    from canfast.errors import CanfastWarning
+
+    model, samples, scores, drift = drift_setup(encoder_dir)
+    common = dict(objective=drift, schedule=[1, 4, 16, 64], seeds=1, generations=0, progress=False)
+    # Drift never exceeds 2: a PPL ratio of 10 (a rise of ln 10 = 2.3) is out of reach.
+    with pytest.warns(CanfastWarning, match="collapse cannot be reached"):
+        ratio = canfast.sweep(model, samples, scores, tau=1.0, **common)
+    assert ratio.k_star is None
+    fully = ratio.info["fully_masked"]
+    assert fully["reachable"] is False and fully["mean_loss_rise"] < fully["needed_rise"]
+    # As an absolute rise of the mean drift, the same curve collapses where the drift passes tau.
+    rise = fully["mean_loss_rise"]
+    delta = canfast.sweep(model, samples, scores, tau=rise / 2, criterion="delta", **common)
+    rises = [math.log(p / delta.ppl0) for p in delta.curve.ppl]
+    first = next(k for k, r in zip(delta.curve.k, rises) if r >= rise / 2)
+    assert delta.k_star == first
+    record = delta.to_json()["criterion"]
+    assert record["kind"] == "delta" and record["delta"] == pytest.approx(rise / 2)
+
+
+def test_a_failed_report_keeps_the_sweep_and_says_what_failed(tmp_path, monkeypatch):
+    import canfast.report
+    from canfast.io import read_manifest
+    from canfast.pipeline import DataConfig, ModelConfig, SweepConfig, run
+
+    def broken(run_dir):
+        raise RuntimeError("no figures today")
+
+    monkeypatch.setattr(canfast.report, "write_report", broken)
+    done = run(
+        ModelConfig("builtin:tiny-llava"),
+        DataConfig(limit=2, max_new_tokens=3, batch_size=2),
+        sweep=SweepConfig(schedule=[1, 2], seeds=1, generations=0),
+        out=tmp_path / "run",
+    )
+    assert done.failed.startswith("report: RuntimeError: no figures today")
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["complete"] is False and "sweep.json" in manifest["files"]
+    assert json.loads((tmp_path / "run" / "sweep.json").read_text())["k"] == [1, 2]
