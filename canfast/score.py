@@ -285,6 +285,9 @@ def score(
     started = time.perf_counter()
     samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
     loss_fn = objective or mean_nll
+    mask_token = model.tokenizer.mask_token if model.task == "masked" else None
+    if objective is None and mask_token and not any(mask_token in s.prompt for s in samples):
+        check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
     seen = [0, 0.0]  # target tokens, sum of |loss|

@@ -723,17 +723,26 @@ def start_cli(args: list[str], cwd: Path) -> tuple[subprocess.Popen, bytes]:
     return proc, seen
 
 
-@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
-def test_cli_a_second_run_is_refused_and_a_killed_overwrite_keeps_the_earlier_run(tmp_path, how):
+def test_cli_a_second_run_into_the_same_out_exits_2_naming_the_first(tmp_path):
+    from canfast.io import RunDir
+
     before = earlier_run(tmp_path / "run")
-    args = ["score", "--out", "run", "--overwrite", "--batch-size", "1", "--limit", "6"]
-    proc, seen = start_cli(args, tmp_path)
+    first = RunDir(tmp_path / "run", overwrite=True).open()  # the first run, in this process
     try:
         second = run_cli("score", "--out", "run", "--overwrite", *FAST, cwd=tmp_path)
-        assert_bad_input(second, "in use by another canfast run", f"process {proc.pid}")
     finally:
-        proc.send_signal(how)
-        _, rest = proc.communicate(timeout=120)
+        first.close()  # ends without completing: nothing committed
+    assert_bad_input(second, "in use by another canfast run", f"process {os.getpid()}")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT])
+def test_cli_a_killed_overwrite_keeps_the_earlier_run_whole(tmp_path, how):
+    before = earlier_run(tmp_path / "run")
+    args = ["score", "--out", "run", "--overwrite", "--batch-size", "1", "--limit", "16"]
+    proc, seen = start_cli(args, tmp_path)
+    proc.send_signal(how)
+    _, rest = proc.communicate(timeout=120)
     err = (seen + rest).decode(errors="replace")
     assert proc.returncode == (130 if how == signal.SIGINT else 143), err
     assert "Traceback" not in err
