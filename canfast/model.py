@@ -205,8 +205,11 @@ class Model:
         if self.task == "base":
             return check_encoded(self, samples, self._encode_inputs(samples))
         missing = [s.prompt for s in samples if s.target is None]
+        if len(missing) == len(samples):
+            # No targets at all (a custom objective that needs none): the inputs alone.
+            return check_encoded(self, samples, self._encode_inputs(samples))
         if missing:
-            raise ValueError(f"encode needs targets; {len(missing)} samples have none")
+            raise BadInput(f"{len(missing)} of {len(samples)} samples have no target")
         if self.task == "masked":
             return check_encoded(self, samples, self._encode_masked(samples))
         if self.task == "seq2seq":

@@ -165,16 +165,19 @@ def with_targets(
     targets: str = "self",
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    objective: Objective | None = None,
 ) -> list[Sample]:
     """Samples with the targets every loss is scored on.
 
     ``given`` keeps the data's reference answers (all must have one); ``self`` replaces them
-    with the unmasked model's own greedy answers.
+    with the unmasked model's own greedy answers. A bare model (``task="base"``), or an
+    objective marked ``needs_targets = False`` (those of :mod:`canfast.objectives`), takes
+    the samples as they are: targets are optional then.
     """
     if targets not in TARGETS:
         raise BadInput(f"unknown targets {targets!r}; choose 'self' or 'given'")
-    if model.task == "base":
-        return list(samples)  # a bare model neither generates nor scores tokens
+    if model.task == "base" or not getattr(objective, "needs_targets", True):
+        return list(samples)  # nothing to generate, nothing scored token by token
     if targets == "given":
         missing = sum(s.target is None for s in samples)
         if missing:

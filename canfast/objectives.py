@@ -82,12 +82,16 @@ def contrastive(outputs, batch: Batch, temperature: float = 0.05, pooling: str =
     return F.cross_entropy(logits, partner, reduction="none")
 
 
+contrastive.needs_targets = False  # it reads embeddings: samples need no target
+
+
 class EmbeddingDrift:
     """``1 - cos(e_masked, e_unmasked)`` per sample: the objective :func:`embedding_drift`
     returns. It holds each sample's unmasked embedding, keyed by the sample's token ids, so it
     finds the reference of any row, whatever the batch and its order."""
 
     __name__ = "embedding_drift"
+    needs_targets = False
 
     def __init__(self, references: dict[tuple[int, ...], Tensor], pooling: str) -> None:
         self.references = references

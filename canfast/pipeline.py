@@ -179,7 +179,12 @@ def _run(run_dir, model, data, sites, scoring, sweep, strategy, report) -> RunOu
         timings = Timings()
         with timings.measure("targets"):
             samples = with_targets(
-                loaded, samples, data.targets, data.max_new_tokens, data.batch_size
+                loaded,
+                samples,
+                data.targets,
+                data.max_new_tokens,
+                data.batch_size,
+                scoring.objective,
             )
         if scores is None:
             scores = _score(loaded, samples, sites, scoring, data, chosen, "given")

@@ -283,7 +283,7 @@ def score(
     if not samples:
         raise BadInput("no samples to score")
     started = time.perf_counter()
-    samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
+    samples = with_targets(model, samples, targets, max_new_tokens, batch_size, objective)
     loss_fn = objective or mean_nll
     mask_token = model.tokenizer.mask_token if model.task == "masked" else None
     if objective is None and mask_token and not any(mask_token in s.prompt for s in samples):

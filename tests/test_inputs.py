@@ -818,3 +818,27 @@ def test_a_failed_report_keeps_the_sweep_and_says_what_failed(tmp_path, monkeypa
     manifest = read_manifest(tmp_path / "run")
     assert manifest["complete"] is False and "sweep.json" in manifest["files"]
     assert json.loads((tmp_path / "run" / "sweep.json").read_text())["k"] == [1, 2]
+
+
+def test_a_custom_objective_that_needs_no_targets_takes_samples_without_them(monkeypatch):
+    from canfast import objective as objective_module
+
+    model = tiny_models.wrap("llama")
+
+    def logit_energy(outputs, batch):
+        return outputs.logits.float().pow(2).mean(dim=(1, 2))
+
+    logit_energy.needs_targets = False
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("generated targets nobody needs")
+
+    monkeypatch.setattr(objective_module, "generate_answers", no_generation)
+    samples = [Sample(None, p) for p, _ in tiny_models.TEXT[:3]]
+    for targets in ("self", "given"):
+        scores = canfast.score(
+            model, samples, targets=targets, objective=logit_energy, progress=False
+        )
+        assert scores.ranking().scores[0] > 0
+    with pytest.raises(BadInput, match="1 of 2 samples have no target"):
+        model.encode([Sample(None, "a", "red"), Sample(None, "b")])

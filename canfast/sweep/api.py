@@ -94,7 +94,7 @@ def run_sweep(
     ks = config.ks(sum(site_channels(model, ranking).values()))
     timings = Timings()
     with timings.measure("targets"):
-        samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
+        samples = with_targets(model, samples, targets, max_new_tokens, batch_size, objective)
     job = SweepJob(
         model,
         samples,
