@@ -182,6 +182,9 @@ def with_targets(
         missing = sum(s.target is None for s in samples)
         if missing:
             raise BadInput(f"--targets given, but {missing} samples have no target")
+        blank = sum(not s.target.strip() for s in samples)
+        if blank:
+            raise BadInput(f"--targets given, but {blank} samples have an empty target")
         return list(samples)
     answers = generate_answers(model, samples, max_new_tokens, batch_size)
     return [s.with_target(a) for s, a in zip(samples, answers, strict=True)]

@@ -842,3 +842,14 @@ def test_a_custom_objective_that_needs_no_targets_takes_samples_without_them(mon
         assert scores.ranking().scores[0] > 0
     with pytest.raises(BadInput, match="1 of 2 samples have no target"):
         model.encode([Sample(None, "a", "red"), Sample(None, "b")])
+
+
+def test_given_targets_that_are_blank_are_refused_from_python_too():
+    model = tiny_models.wrap("llama")
+    with pytest.raises(BadInput, match="1 samples have an empty target"):
+        canfast.score(
+            model,
+            [Sample(None, "a", "red"), Sample(None, "b", " ")],
+            targets="given",
+            progress=False,
+        )
