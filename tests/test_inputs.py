@@ -500,9 +500,9 @@ def test_scoring_without_a_target_token_is_refused(tmp_path):
     # A masked LM whose prompts have no [MASK]: every score would be exactly 0.
     path = save_bert(tmp_path / "bert", head=True)
     model = canfast.load(str(path))
-    samples = [Sample(None, s, "") for s in SENTENCES[:2]]
+    samples = [Sample(None, s) for s in SENTENCES[:2]]
     with pytest.raises(BadInput, match="no sample has a target token"):
-        canfast.score(model, samples, targets="given", progress=False)
+        canfast.score(model, samples, progress=False)
 
 
 def test_a_loss_that_is_zero_everywhere_is_refused(encoder_dir):
