@@ -96,7 +96,8 @@ class Model:
         text_config = getattr(hf_model.config, "text_config", hf_model.config)
         if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
             self.task = "seq2seq"
-        if hf_model.get_output_embeddings() is None and not self.adapter.uses_images:
+        head = getattr(hf_model, "get_output_embeddings", None)
+        if head is not None and head() is None and not self.adapter.uses_images:
             # A bare model (BertModel, a sentence encoder): no head to score tokens with, so
             # only a custom objective can score it.
             self.task = "base"
