@@ -489,7 +489,8 @@ def test_score_writes_scores_and_ranking(score_run):
     from canfast.sites import parse_neuron
 
     out, result = score_run
-    assert sorted(p.name for p in out.iterdir()) == ["neurons.json", "scores.safetensors"]
+    files = ["manifest.json", "neurons.json", "scores.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == files
     assert "Traceback" not in result.stderr
     assert f"wrote {out}/scores.safetensors" in result.stdout
     assert "rank" in result.stdout.splitlines()[0]

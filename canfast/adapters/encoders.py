@@ -17,7 +17,7 @@ from torch import Tensor
 
 from canfast.adapters.chat import chat_prompt
 from canfast.adapters.tokens import TOKEN_KEYS, extend_tokens, trim_tokens
-from canfast.data import Sample
+from canfast.data import Sample, processor_image_side
 from canfast.errors import BadInput
 
 IGNORE = -100
@@ -117,7 +117,8 @@ class Encoder:
                 raise BadInput(
                     f"{self.name} needs an image for every sample (prompt {sample.prompt!r})"
                 )
-            encoded = dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
+            image = sample.load_image(need=processor_image_side(self.processor))
+            encoded = dict(self.processor(images=[image], text=[text], return_tensors="pt"))
             encoded.pop("labels", None)  # PaliGemma's processor offers some; canfast makes its own
             return encoded
         return dict(self.tokenizer([text], return_tensors="pt"))
@@ -159,8 +160,17 @@ class Encoder:
         """Inputs, aligned labels and masks for samples that all have targets."""
         missing = [s.prompt for s in samples if s.target is None]
         if missing:
-            raise ValueError(f"encode needs targets; {len(missing)} samples have none")
+            raise BadInput(f"{len(missing)} of {len(samples)} samples have no target")
         return self._encode(samples)
+
+    def encode_inputs(self, samples: Sequence[Sample]) -> Batch:
+        """The prompts alone, no token scored: for a bare model, or an objective that needs no
+        targets (it reads the outputs)."""
+        rows = [self.process(s, self.prompt_text(s)) for s in samples]
+        inputs = self.collate(rows, side="right")
+        labels = torch.full_like(inputs["input_ids"], IGNORE)
+        valid = {"language": inputs["attention_mask"].bool()}
+        return Batch(inputs, labels, labels != IGNORE, valid)
 
     def _encode(self, samples: Sequence[Sample]) -> Batch:
         raise NotImplementedError
