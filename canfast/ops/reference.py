@@ -80,8 +80,10 @@ def ablate_expand(
     if mid is None:
         expanded[torch.arange(n, device=y.device), ..., neurons] = 0
         return expanded
+    # At least float32, and float64 stays float64 (the precision checks run in it).
+    acc = torch.promote_types(y.dtype, torch.float32)
     # The channel count is spelled out: reshape cannot infer -1 when there are no neurons.
-    contribution = mid[..., neurons].float().movedim(-1, 0).unsqueeze(-1) * weight[
-        :, neurons
-    ].float().t().reshape(n, *([1] * (y.dim() - 1)), y.shape[-1])
-    return (expanded.float() - contribution).to(y.dtype)
+    contribution = mid[..., neurons].to(acc).movedim(-1, 0).unsqueeze(-1) * weight[:, neurons].to(
+        acc
+    ).t().reshape(n, *([1] * (y.dim() - 1)), y.shape[-1])
+    return (expanded.to(acc) - contribution).to(y.dtype)
