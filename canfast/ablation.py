@@ -63,7 +63,6 @@ class Ablator:
         self.halvings = 0
         self.ablations = 0
         self._timeline: prefix.Timeline | None = None
-        self._base: dict[int, Tensor] = {}
 
     # ----- losses -------------------------------------------------------------------------
 
@@ -79,7 +78,7 @@ class Ablator:
     def timeline(self) -> prefix.Timeline:
         if self._timeline is None:
             with torch.no_grad(), prefix.timeline(self.model.hf) as recorded:
-                self._base[0] = self._forward_losses(self.batches[0])
+                self._forward_losses(self.batches[0])
             self._timeline = recorded
         return self._timeline
 
@@ -120,10 +119,9 @@ class Ablator:
         device = self.model.device
         neurons = neurons.to(device=device, dtype=torch.long)
         totals = torch.zeros(neurons.shape[0], dtype=torch.float64)
-        for index, batch in enumerate(self.batches):
+        for batch in self.batches:
             with prefix.recording(cut, site.module) as record:
                 base = self._forward_losses(batch)
-            self._base.setdefault(index, base)
             if record.site_output is None:
                 raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")
             base_sum = float(base.sum())
@@ -134,9 +132,9 @@ class Ablator:
                 try:
                     masked = run_block(self, batch, site, cut, record, block)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    if not is_out_of_memory(exc) or size == 1:
+                    if not is_out_of_memory(exc) or block.shape[0] == 1:
                         raise
-                    self.block_limit = max(1, size // 2)
+                    self.block_limit = max(1, block.shape[0] // 2)
                     self.halvings += 1
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
