@@ -107,7 +107,7 @@ class Ablator:
             copies = ops.ablate_expand(y, neurons, record.site_input, weight, backend=self.backend)
         variants = copies.reshape(n * y.shape[0], *y.shape[1:])
         tiled = batch.repeat(n)
-        with prefix.replaying(cut, record, site.module, variants, n):
+        with prefix.replaying(cut, record, variants, n):
             losses = self._forward_losses(tiled)
         return losses.reshape(n, -1).sum(dim=1)
 
@@ -115,12 +115,14 @@ class Ablator:
     def site_totals(self, site: Site, neurons: Tensor, bar: tqdm | None = None) -> Tensor:
         """Per neuron of ``neurons``: summed loss with it removed minus without, over every
         batch (float64, on the CPU)."""
-        cut = self.timeline().cut(site.module)
+        recorded = self.timeline()
+        cut = recorded.cut(site.module)
+        site_call = recorded.call(site.module)
         device = self.model.device
         neurons = neurons.to(device=device, dtype=torch.long)
         totals = torch.zeros(neurons.shape[0], dtype=torch.float64)
         for batch in self.batches:
-            with prefix.recording(cut, site.module) as record:
+            with prefix.recording(cut, site_call) as record:
                 base = self._forward_losses(batch)
             if record.site_output is None:
                 raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")

@@ -30,7 +30,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 
 
 def first_rows(args: tuple, kwargs: dict) -> int | None:
@@ -57,13 +59,48 @@ def map_tensors(value: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     return value
 
 
+class _Tiled(torch.Tensor):
+    """A recorded tensor stacked ``times`` times, built by the first operation that reads it.
+
+    Most cut outputs are never read in a replay: an earlier layer's output goes straight into
+    the next layer, which is cut too and ignores its input. Deferring the copy spares that
+    memory traffic; any aten operation (an add, an index, a kernel) sees the full tensor.
+    """
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @staticmethod
+    def __new__(cls, source: Tensor, times: int):
+        shape = (source.shape[0] * times, *source.shape[1:])
+        tiled = torch.Tensor._make_wrapper_subclass(
+            cls, shape, dtype=source.dtype, device=source.device, requires_grad=False
+        )
+        tiled.source = source
+        tiled.times = times
+        tiled.full = None
+        return tiled
+
+    def dense(self) -> Tensor:
+        if self.full is None:
+            self.full = self.source.repeat(self.times, *([1] * (self.source.dim() - 1)))
+        return self.full
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        def plain(value):
+            return value.dense() if isinstance(value, _Tiled) else value
+
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+
+
 def tile(value: Any, rows: int, times: int) -> Any:
     """Every tensor of ``value`` whose first dimension is ``rows`` stacked ``times`` times,
-    block-major; tensors of another first dimension (broadcast tables) stay as they are."""
+    block-major (built lazily); tensors of another first dimension (broadcast tables) stay as
+    they are."""
 
     def one(t: Tensor) -> Tensor:
         if t.dim() >= 1 and t.shape[0] == rows:
-            return t.repeat(times, *([1] * (t.dim() - 1)))
+            return _Tiled(t, times) if times > 1 else t.clone()
         return t
 
     return map_tensors(value, one)
@@ -168,20 +205,26 @@ def _copy(value: Any) -> Any:
 @dataclass
 class Record:
     """What a record pass kept: each cut module's output and input rows, the site's output and
-    input."""
+    input, and the module a replay overrides with the variants."""
 
     outputs: dict[int, Any]
     rows: dict[int, int | None]
     site_output: Tensor | None = None
     site_input: Tensor | None = None
+    # The outermost enclosing module that returns the site's output object itself (an FFN
+    # block whose last step is its down Linear), and the rows it was called with. A replay
+    # overrides that one, which spares the work that only fed the site (gate, up, act * up).
+    target: nn.Module | None = None
+    target_rows: int | None = None
 
 
 @contextmanager
-def recording(cut: list[Call], site: nn.Module) -> Iterator[Record]:
+def recording(cut: list[Call], site: Call) -> Iterator[Record]:
     """Keep the outputs of the ``cut`` modules and the site's output and input during the
-    forward passes inside the block."""
+    forward pass inside the block."""
     record = Record({}, {})
     handles = []
+    raw: dict[str, Any] = {}
 
     def keeper(key: int):
         def keep(module, args, kwargs, output):
@@ -196,24 +239,41 @@ def recording(cut: list[Call], site: nn.Module) -> Iterator[Record]:
         hook = keeper(id(call.module))
         handles.append(call.module.register_forward_hook(hook, with_kwargs=True))
 
-    def keep_site(module, args, output):
+    def keep_site(module, args, kwargs, output):
+        raw["output"] = output
         record.site_input = args[0].detach().clone()
         record.site_output = output.detach().clone()
+        record.target, record.target_rows = module, first_rows(args, kwargs)
 
-    handles.append(site.register_forward_hook(keep_site))
+    handles.append(site.module.register_forward_hook(keep_site, with_kwargs=True))
+
+    def lift(module, args, kwargs, output):
+        # Hooks fire innermost first, so each ancestor sees whether the one below it lifted.
+        below = record.target is not None and record.target is getattr(module, "_lift_below", 0)
+        if below and output is raw.get("output"):
+            record.target, record.target_rows = module, first_rows(args, kwargs)
+
+    parent, below = site.parent, site.module
+    while parent is not None and parent.count == 1:
+        parent.module._lift_below = below
+        handles.append(parent.module.register_forward_hook(lift, with_kwargs=True))
+        parent, below = parent.parent, parent.module
     try:
         yield record
     finally:
         for handle in handles:
             handle.remove()
+        ancestor = site.parent
+        while ancestor is not None:
+            vars(ancestor.module).pop("_lift_below", None)
+            ancestor = ancestor.parent
 
 
 @contextmanager
-def replaying(
-    cut: list[Call], record: Record, site: nn.Module, variants: Tensor, times: int
-) -> Iterator[None]:
+def replaying(cut: list[Call], record: Record, variants: Tensor, times: int) -> Iterator[None]:
     """Inside the block, a forward on the input batch tiled ``times`` times skips every cut
-    module (it returns its recorded output, tiled) and the site returns ``variants``."""
+    module (it returns its recorded output, tiled) and the site (or the enclosing module that
+    returns its output) returns ``variants``."""
     installed: list[tuple[nn.Module, object]] = []
 
     def install(module: nn.Module, forward) -> None:
@@ -244,16 +304,18 @@ def replaying(
 
     def site_forward(*args, **kwargs):
         rows = first_rows(args, kwargs)
-        if rows != variants.shape[0]:
+        if record.target_rows is None or rows != record.target_rows * times:
             raise RuntimeError(
-                f"prefix reuse: the site got {rows} rows, expected {variants.shape[0]}"
+                f"prefix reuse: the site got {rows} rows, expected {record.target_rows} x {times}"
             )
         return variants
 
+    if record.target is None:
+        raise RuntimeError("prefix reuse: the site did not run in the record pass")
     try:
         for call in cut:
             install(call.module, tiled_forward(call))
-        install(site, site_forward)
+        install(record.target, site_forward)
         yield
     finally:
         for module, previous in reversed(installed):

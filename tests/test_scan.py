@@ -13,7 +13,7 @@ from canfast import ablation, prefix
 from canfast.data import batches
 from canfast.errors import BadInput
 from canfast.model import IGNORE
-from canfast.scan import Scan, estimated_recall, scan, spearman
+from canfast.neuron_scan import Scan, estimated_recall, scan, spearman
 from tests import tiny_models
 
 UNITS = ("out", "mid")
@@ -243,10 +243,12 @@ def test_replay_refuses_rows_it_did_not_record():
     with torch.no_grad(), prefix.timeline(model.hf) as recorded:
         model.forward(batch)
     cut = recorded.cut(site.module)
-    with torch.no_grad(), prefix.recording(cut, site.module) as record:
+    with torch.no_grad(), prefix.recording(cut, recorded.call(site.module)) as record:
         model.forward(batch)
+    # The Llama MLP returns its down projection's output: the replay overrides the MLP.
+    assert record.target is model.hf.model.layers[1].mlp
     variants = record.site_output.repeat(2, 1, 1)
-    with torch.no_grad(), prefix.replaying(cut, record, site.module, variants, 2):
+    with torch.no_grad(), prefix.replaying(cut, record, variants, 2):
         with pytest.raises(RuntimeError, match="does not replay as recorded"):
             model.forward(batch.repeat(3))
 
