@@ -1,9 +1,19 @@
-"""What a sweep found, and its JSON form (``sweep.json``)."""
+"""What a collapse sweep found, its files (``sweep.json``, ``generations.jsonl``) and its
+printed summary."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from canfast.sites import NeuronSet
+from canfast.tables import table
+
+SWEEP_FILE = "sweep.json"
+GENERATIONS_FILE = "generations.jsonl"
+# The columns of a --by table, in the order sweep.json stores each row's values.
+BY_COLUMNS = ("group", "n_neurons", "n_samples", "ppl0", "k1", "k_star", "random_k_star")
 
 
 @dataclass
@@ -112,6 +122,52 @@ class SweepResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def write(self, run_dir: Path) -> list[Path]:
+        """Write ``sweep.json`` and ``generations.jsonl`` into ``run_dir``."""
+        from canfast.io import write_json, write_jsonl
+
+        run_dir = Path(run_dir)
+        return [
+            write_json(run_dir / SWEEP_FILE, self.to_json()),
+            write_jsonl(run_dir / GENERATIONS_FILE, self.generations),
+        ]
+
+    def summary_json(self) -> dict:
+        return {
+            "k_star": self.k_star,
+            "k1": self.k1,
+            "random_k_star": self.random_k_star,
+            "ppl0": self.ppl0,
+        }
+
+    def summary(self, ranking: NeuronSet | None = None) -> str:
+        """The curve with its stages, CAN against the random seeds, the top neurons up to k*
+        (from ``ranking``), and one table per ``--by`` grouping."""
+        ratios = self.curve.ratio(self.ppl0)
+        rows = []
+        for k, ratio in zip(self.curve.k, ratios, strict=True):
+            stage = "collapse (k*)" if k == self.k_star else "onset (k1)" if k == self.k1 else ""
+            rows.append([k, ratio * self.ppl0, ratio, math.log10(max(ratio, 1e-300)), stage])
+        lines = [
+            f"PPL_0 = {self.ppl0:.4g} over {self.info.get('n_samples')} samples, "
+            f"{self.n_neurons} neurons in {len(self.info.get('sites', []))} sites"
+        ]
+        if rows:
+            lines.append(table(["k", "ppl", "ratio", "log10 ratio", "stage"], rows))
+        lines.append("")
+        stages = [["CAN", self.k1, self.k_star]]
+        stages += [[f"random seed {c.seed}", c.k1, c.k_star] for c in self.random]
+        stages.append(["random median", self.random_k1, self.random_k_star])
+        lines.append(table(["ordering", "k1", "k*"], stages))
+        if self.k_star is not None and ranking is not None:
+            lines.append("")
+            lines.append("top neurons: " + ", ".join(ranking[: min(self.k_star, 8)].ids()))
+        for grouping, group_rows in self.info.get("by", {}).items():
+            lines.append("")
+            headers = [grouping, "neurons", "samples", "ppl0", "k1", "k*", "random k*"]
+            lines.append(table(headers, [[r[c] for c in BY_COLUMNS] for r in group_rows]))
+        return "\n".join(lines)
 
 
 def _median(values: list[int | None]) -> float | None:
