@@ -31,7 +31,7 @@ from canfast.first_order import first_order
 from canfast.io import load_tensors, read_json, save_tensors, write_json
 from canfast.model import IGNORE, Model
 from canfast.objective import Objective, with_targets
-from canfast.score import check_alpha, data_fingerprint, score
+from canfast.score import Scores, check_alpha, data_fingerprint, score
 from canfast.sites import NeuronSet
 
 SCREENS = ("estimate", "can", "both")
@@ -47,14 +47,16 @@ class Scan:
 
     ``scan[site]`` is the float32 tensor of exact deltas (NaN where screening skipped the
     neuron); ``scan.estimate[site]`` the first-order estimate; ``scan.can[site]`` the CAN score.
-    ``summary`` is what ``scan.json`` holds.
+    ``overview`` is what ``scan.json`` holds.
     """
 
     delta: dict[str, Tensor]
     estimate: dict[str, Tensor]
     can: dict[str, Tensor]
     meta: dict[str, str] = field(default_factory=dict)
-    summary: dict = field(default_factory=dict)
+    overview: dict = field(default_factory=dict)
+    kind: str = "single"
+    info: dict = field(default_factory=dict)
 
     def __getitem__(self, site: str) -> Tensor:
         return self.delta[site]
@@ -72,6 +74,66 @@ class Scan:
         neurons = tuple((names[i], int(channels[i])) for i in picked)
         return NeuronSet(neurons, tuple(float(values[i]) for i in picked))
 
+    # The sweep strategy interface (``canfast sweep --sweep-kind single``).
+
+    def write(self, run_dir: Path) -> list[Path]:
+        """Write ``scan.safetensors`` and ``scan.json`` into ``run_dir``."""
+        self.save(run_dir)
+        return [Path(run_dir) / SCAN_FILE, Path(run_dir) / SUMMARY_FILE]
+
+    def summary_json(self) -> dict:
+        """The headline numbers: correlations with the exact delta, overlaps, rate."""
+        rho = self.overview.get("spearman", {}).get("all", {})
+        return {
+            "neurons": self.overview.get("neurons"),
+            "exact_ablations": self.overview.get("exact_ablations"),
+            "spearman_can": rho.get("can"),
+            "spearman_estimate": rho.get("estimate"),
+            "can_top_k_overlap": self.overview.get("can_top_k_overlap"),
+            "estimated_recall": self.overview.get("screening", {}).get("recall"),
+            "top": self.overview.get("top_neurons", [])[:10],
+            "ablations_per_s": self.overview.get("timings", {}).get("ablations_per_s"),
+        }
+
+    def summary(self, ranking: NeuronSet | None = None, top: int = 10) -> str:
+        """The table printed at the end of a scan (``ranking`` is not needed: the scan ranks
+        by exact delta)."""
+        from canfast.tables import table
+
+        rows = [
+            [i + 1, r["neuron"], r["delta"], r["estimate"], r["can"], r["can_rank"]]
+            for i, r in enumerate(self.overview.get("top_neurons", [])[:top])
+        ]
+        head = ["rank", "neuron", "exact delta", "estimate", "CAN", "CAN rank"]
+        lines = [table(head, rows), ""]
+        rho = self.overview.get("spearman", {})
+        for group, values in [("all", rho.get("all", {}))] + list(
+            rho.get("by_component", {}).items()
+        ):
+            lines.append(
+                f"Spearman vs exact delta ({group}, {values.get('neurons')} neurons): "
+                f"CAN {_fmt(values.get('can'))}, estimate {_fmt(values.get('estimate'))}; "
+                f"CAN vs |delta| {_fmt(values.get('can_vs_abs_delta'))}"
+            )
+        overlap = self.overview.get("can_top_k_overlap", {})
+        if overlap:
+            shown = ", ".join(f"{v} of the top {k}" for k, v in overlap.items())
+            lines.append(f"CAN's top-k holds {shown} by exact delta")
+        screening = self.overview.get("screening")
+        if screening:
+            lines.append(
+                f"screening by {screening['screen']}: {self.overview['exact_ablations']} exact of "
+                f"{self.overview['neurons']} neurons; estimated recall of the exact top "
+                f"{screening['verify_top']}: {_fmt(screening.get('recall'))} "
+                f"(95% lower bound {_fmt(screening.get('recall_lower_95'))})"
+            )
+        timings = self.overview.get("timings", {})
+        lines.append(
+            f"{self.overview.get('exact_ablations')} exact ablations in "
+            f"{timings.get('exact_s', 0):.1f} s ({timings.get('ablations_per_s', 0):.3g}/s)"
+        )
+        return "\n".join(lines)
+
     def save(self, run_dir: str | Path) -> None:
         run_dir = Path(run_dir)
         tensors = {}
@@ -80,7 +142,7 @@ class Scan:
                 tensors[f"{site}@{name}"] = values[site].float()
         meta = {**self.meta, "sites": json.dumps(self.sites)}
         save_tensors(run_dir / SCAN_FILE, tensors, meta)
-        write_json(run_dir / SUMMARY_FILE, self.summary)
+        write_json(run_dir / SUMMARY_FILE, self.overview)
 
     @classmethod
     def load(cls, run_dir: str | Path) -> Scan:
@@ -102,8 +164,8 @@ class Scan:
         sites = order if sorted(order) == sorted(parts["delta"]) else sorted(parts["delta"])
         if not sites or any(sorted(p) != sorted(sites) for p in parts.values()):
             raise BadInput(f"{run_dir / SCAN_FILE}: incomplete scan")
-        summary = read_json(run_dir / SUMMARY_FILE) if (run_dir / SUMMARY_FILE).is_file() else {}
-        return cls(*({s: parts[n][s] for s in sites} for n in FIELDS), meta, summary)
+        overview = read_json(run_dir / SUMMARY_FILE) if (run_dir / SUMMARY_FILE).is_file() else {}
+        return cls(*({s: parts[n][s] for s in sites} for n in FIELDS), meta, overview)
 
     def check_model(self, model: Model, source: str = "scan") -> None:
         """Refuse a scan computed on a different model."""
@@ -118,6 +180,10 @@ class Scan:
         for site, values in self.delta.items():
             if channels.get(site) != values.numel():
                 raise BadInput(f"{source} site {site} does not exist in {model.name}")
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
 
 
 def _flatten(values: dict[str, Tensor]) -> tuple[list[str], Tensor, Tensor]:
@@ -306,6 +372,7 @@ def scan(
     max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
     max_new_tokens: int = 32,
     seed: int = 0,
+    can: Scores | None = None,
     progress: bool = True,
 ) -> Scan:
     """The exact effect of removing each neuron of ``sites`` alone, next to its first-order
@@ -316,6 +383,8 @@ def scan(
       random others (default 2% of the neurons, at least 64); the rest keep NaN.
     - Blocks of neurons share a forward, sized so that a block holds at most
       ``max_batch_tokens`` tokens; an out-of-memory error halves the block.
+    - ``can``: CAN scores already computed on these samples and targets (a sweep's ranking);
+      scored here when absent.
     """
     alpha = check_alpha(alpha)
     if screen not in SCREENS:
@@ -349,18 +418,25 @@ def scan(
     estimate = first_order(model, encoded, chosen, normalizer, objective)
     timings["estimate_s"] = time.perf_counter() - clock
     clock = time.perf_counter()
-    can = score(
-        model,
-        samples,
-        alpha=alpha,
-        unit=unit,
-        sites=[s.name for s in chosen],
-        targets="given",
-        batch_size=batch_size,
-        objective=objective,
-        backend=backend,
-        progress=False,
-    ).values
+    if can is None:
+        can = score(
+            model,
+            samples,
+            alpha=alpha,
+            unit=unit,
+            sites=[s.name for s in chosen],
+            targets="given",
+            batch_size=batch_size,
+            objective=objective,
+            backend=backend,
+            progress=False,
+        )
+    else:
+        can.check_model(model)
+    missing = [s.name for s in chosen if s.name not in can]
+    if missing:
+        raise BadInput(f"the CAN scores do not cover site {missing[0]}")
+    can = {s.name: can[s.name] for s in chosen}
     timings["can_s"] = time.perf_counter() - clock
 
     # Which neurons get an exact ablation.
@@ -447,5 +523,5 @@ def scan(
         "block_halvings": ablator.halvings,
     }
     summary["meta"] = {k: v for k, v in result.meta.items()}
-    result.summary = summary
+    result.overview = summary
     return result

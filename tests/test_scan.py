@@ -201,7 +201,7 @@ def test_out_of_memory_halves_the_block_and_goes_on(monkeypatch):
     )
     # 16 fails, 8 fails, then blocks of 4 cover the 16 neurons.
     assert sizes == [16, 8, 4, 4, 4, 4]
-    assert result.summary["timings"]["block_halvings"] == 2
+    assert result.overview["timings"]["block_halvings"] == 2
     want = naive_deltas(model, samples, model.site("language.1.down"), 3)
     _assert_close_relative(result["language.1.down"], want)
 
@@ -292,12 +292,12 @@ def test_screening_finds_the_planted_neurons_and_says_so():
     known = (~torch.isnan(delta)).nonzero().flatten().tolist()
     assert set(planted) <= set(known) and len(known) == 3 + 8
     torch.testing.assert_close(delta[known], full[site.name][known])
-    info = screened.summary["screening"]
+    info = screened.overview["screening"]
     assert info["verify_top"] == 3 and info["calibration"] == 8
     assert info["recall"] == 1.0 and info["calibration_above_threshold"] == 0
     # No hit in 8 draws from 13 bounds the miss rate at 3/8 (rule of three): 13 * 3/8 missed.
     assert info["recall_lower_95"] == pytest.approx(3 / (3 + 13 * 3 / 8))
-    assert screened.summary["exact_ablations"] == 11
+    assert screened.overview["exact_ablations"] == 11
 
 
 def test_verify_top_larger_than_the_neurons_is_bad_input():
@@ -324,7 +324,7 @@ def test_files_round_trip_and_summary(tmp_path):
         torch.testing.assert_close(loaded.can[name], result.can[name])
     assert loaded.meta["model_fingerprint"] == model.fingerprint()
     loaded.check_model(model)
-    summary = loaded.summary
+    summary = loaded.overview
     assert set(summary["spearman"]["by_component"]) == {"language"}
     assert set(summary["spearman"]["by_kind"]) == {"down"}
     top = result.top(5)
