@@ -406,7 +406,11 @@ def scan(
     started = clock = time.perf_counter()
     samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
     timings["targets_s"] = time.perf_counter() - clock
-    encoded = [model.encode(chunk).to(model.device) for chunk in batches(samples, batch_size)]
+    # Batches of similar lengths carry less padding through every replay; the sums over
+    # samples do not depend on their order.
+    lengths = [int(model.encode([sample]).labels.shape[1]) for sample in samples]
+    by_length = [samples[i] for i in sorted(range(len(samples)), key=lengths.__getitem__)]
+    encoded = [model.encode(chunk).to(model.device) for chunk in batches(by_length, batch_size)]
     if objective is None:
         normalizer = float(sum(int((b.labels != IGNORE).sum()) for b in encoded))
         if normalizer == 0:
