@@ -359,3 +359,94 @@ def test_spearman_handles_ties_and_nan():
     assert spearman(x, x * 10) == pytest.approx(1.0)
     assert spearman(x, -x) == pytest.approx(-1.0)
     assert spearman(torch.ones(4), torch.arange(4.0)) is None
+
+
+# ----- the command line ------------------------------------------------------------------------
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "canfast.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_single_writes_the_scan_and_its_report(tmp_path):
+    run = tmp_path / "run"
+    done = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--sites",
+        "language.2.down",
+        "--limit",
+        "4",
+        "--targets",
+        "given",
+        "--out",
+        run,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Spearman vs exact delta" in done.stdout
+    for name in ("scan.safetensors", "scan.json", "report.html", "scores.safetensors"):
+        assert (run / name).is_file(), name
+    assert not (run / "sweep.json").exists()
+    page = (run / "report.html").read_text()
+    assert "Single-neuron scan" in page and "scan_can.png" in page
+    loaded = Scan.load(run)
+    assert loaded.sites == ["language.2.down"] and not torch.isnan(loaded["language.2.down"]).any()
+    # The report command redraws it.
+    again = _cli("report", run, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+    # Bad input: a scan's scores from another model, and more neurons to verify than exist.
+    other = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--model",
+        "builtin:tiny-instructblip",
+        "--scores",
+        run,
+        "--limit",
+        "2",
+        "--targets",
+        "given",
+        "--out",
+        tmp_path / "o",
+        cwd=tmp_path,
+    )
+    assert other.returncode == 2 and "another model" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    too_many = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--sites",
+        "language.2.down",
+        "--limit",
+        "2",
+        "--targets",
+        "given",
+        "--verify-top",
+        "100000",
+        "--out",
+        tmp_path / "t",
+        cwd=tmp_path,
+    )
+    assert too_many.returncode == 2 and "--verify-top 100000" in too_many.stderr
+    assert not (tmp_path / "t" / "scan.json").exists()
