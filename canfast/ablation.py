@@ -145,7 +145,7 @@ class Ablator:
                 start += block.shape[0]
                 self.ablations += block.shape[0]
                 if bar is not None:
-                    bar.update(block.shape[0] / len(self.batches))
+                    bar.update(block.shape[0])
         return totals
 
 

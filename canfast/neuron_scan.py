@@ -471,7 +471,14 @@ def scan(
     clock = time.perf_counter()
     ablator = Ablator(model, encoded, objective, backend, max_batch_tokens, progress)
     flat_delta = torch.full((total_neurons,), math.nan, dtype=torch.float64)
-    bar = tqdm(total=len(exact), desc="scan", unit="neuron", disable=not progress)
+    # Counted in neuron-batches and shown in neurons, so the ETA moves within a site.
+    bar = tqdm(
+        total=len(exact) * len(encoded),
+        desc="scan",
+        unit="neuron",
+        unit_scale=1 / len(encoded),
+        disable=not progress,
+    )
     try:
         for site in chosen:
             wanted_channels = per_site.get(site.name)
