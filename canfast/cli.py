@@ -122,6 +122,12 @@ DATA = OptionGroup(
     ),
     option("--max-new-tokens", type=click.IntRange(min=1), default=32, show_default=True),
     option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True),
+    option(
+        "--score-eos/--no-score-eos",
+        default=True,
+        show_default=True,
+        help="Append the end-of-sequence token to every target and score it.",
+    ),
 )
 SCORING = OptionGroup(
     ScoreConfig,

@@ -17,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from canfast.adapters.encoders import IGNORE, Batch
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
-from canfast.model import IGNORE, Batch, Model
+from canfast.model import Model
 from canfast.target_logits import model_inputs, target_losses, target_only
 
 Objective = Callable[[object, Batch], Tensor]

@@ -76,7 +76,8 @@ class DataConfig:
     ``source``: ``builtin:NAME``, a JSONL file, an image folder (with ``prompt``), or samples
     already in memory.
     ``targets``: ``self`` (the unmasked model's greedy answers, ``max_new_tokens`` long) or
-    ``given`` (the data's own). ``batch_size`` applies to every pass over the samples.
+    ``given`` (the data's own). ``score_eos``: append EOS to every target and score it.
+    ``batch_size`` applies to every pass over the samples.
     """
 
     source: str | Sequence[Sample] = DEFAULT_DATA
@@ -85,6 +86,7 @@ class DataConfig:
     targets: str = "self"
     max_new_tokens: int = 32
     batch_size: int = 8
+    score_eos: bool = True
 
     def load(self) -> list[Sample]:
         if isinstance(self.source, str):
@@ -157,6 +159,18 @@ def run(
     check_out(out, overwrite)
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
+    # A Model passed in keeps its own setting once the run is over.
+    kept, loaded.score_eos = loaded.score_eos, data.score_eos
+    try:
+        scores, result = _compute(loaded, samples, data, sites, scoring, sweep, strategy)
+    finally:
+        loaded.score_eos = kept
+    shown = strategy if report else None
+    return _write_run(out, overwrite, scores, scoring.path is None, result, shown)
+
+
+def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
+    """The scores (read or computed) and the strategy's result (None without a sweep)."""
     chosen = [s.name for s in sites.select(loaded)]
     scores = read_scores(scoring.path, loaded) if scoring.path is not None else None
     result = None
@@ -190,12 +204,11 @@ def run(
         result = strategy.run(job)
         if sweep.by:
             result.info["by"] = {grouping: sweep_by(grouping, job) for grouping in sweep.by}
-    shown = strategy if report else None
-    return _write_run(out, overwrite, scores, scoring.path is None, result, shown)
+    return scores, result
 
 
 def _score(model, samples, sites, scoring, data, chosen, targets) -> Scores:
-    return score(
+    scores = score(
         model,
         samples,
         alpha=scoring.alpha,
@@ -208,6 +221,8 @@ def _score(model, samples, sites, scoring, data, chosen, targets) -> Scores:
         backend=scoring.backend,
         progress=scoring.progress,
     )
+    scores.meta["score_eos"] = str(model.score_eos).lower()
+    return scores
 
 
 def _write_run(out, overwrite, scores, write_scores, result, strategy) -> RunOutcome:

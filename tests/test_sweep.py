@@ -393,8 +393,8 @@ def test_sweep_bad_input(llava_run, make_model):
 
 
 def test_evaluate_many_masks_per_pass(llava_run):
-    """The engine's shared forward passes give the same metric as one mask per pass."""
-    from canfast.sweep.engine import Evaluator
+    """The evaluator's shared forward passes give the same metric as one mask per pass."""
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
@@ -410,14 +410,14 @@ def test_evaluate_many_masks_per_pass(llava_run):
 
 def test_gen_ppl_metric(llava_run):
     """``gen-ppl``: the masked model answers, the unmasked model scores those answers."""
-    from canfast.sweep.engine import Evaluator
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
     sets = [NeuronSet(()), order[:40]]
-    engine = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
-    assert engine.masks_per_pass == 1
-    got = engine(sets)
+    evaluator = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
+    assert evaluator.masks_per_pass == 1
+    got = evaluator(sets)
     for neurons, value in zip(sets, got):
         answers = canfast.generate(model, samples, neurons, max_new_tokens=3)
         produced = [s.with_target(a) for s, a in zip(samples, answers)]
@@ -614,3 +614,22 @@ def test_contrastive_sweep_is_the_same_for_any_masks_per_pass(llava_run):
         assert {1, 4} <= set(common)
         assert [ppl[1][k] for k in common] == pytest.approx([ppl[0][k] for k in common], rel=1e-5)
         assert (ordering[0].k1, ordering[0].k_star) == (ordering[1].k1, ordering[1].k_star)
+
+
+def test_pipeline_scores_without_eos_when_asked(llava_run, tmp_path):
+    """``DataConfig(score_eos=False)`` (``--no-score-eos``) reaches the scores, which say so,
+    and a Model passed in keeps its own setting afterwards."""
+    model, samples, scores, _ = llava_run
+    runs = {}
+    for score_eos in (True, False):
+        runs[score_eos] = canfast.run(
+            model,
+            canfast.DataConfig(samples, targets="given", score_eos=score_eos),
+            scoring=canfast.ScoreConfig(backend="torch", progress=False),
+            out=tmp_path / str(score_eos),
+        ).scores
+        assert model.score_eos is True
+    assert runs[True].meta["score_eos"] == "true" and runs[False].meta["score_eos"] == "false"
+    site = runs[True].sites[0]
+    torch.testing.assert_close(runs[True][site], scores[site], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(runs[True][site], runs[False][site])

@@ -2,8 +2,8 @@
 strategies registered by name (one module each)."""
 
 from canfast.sweep import progressive, random, single  # noqa: F401  (registers the strategies)
-from canfast.sweep.api import run_sweep, sweep
-from canfast.sweep.engine import METRICS, Evaluator
+from canfast.sweep.api import sweep
+from canfast.sweep.evaluator import METRICS, Evaluator
 from canfast.sweep.groups import GROUPINGS, sweep_by
 from canfast.sweep.result import Curve, SweepResult
 from canfast.sweep.schedule import default_schedule, parse_schedule
@@ -32,7 +32,6 @@ __all__ = [
     "parse_schedule",
     "register",
     "run_strategy",
-    "run_sweep",
     "find_strategy",
     "strategy_names",
     "sweep",

@@ -50,38 +50,6 @@ def sweep(
     - greedy generations of the first ``generations`` samples at k = 0, k1 and k_star.
     """
     config = SweepConfig(kind, schedule, tau, onset, seeds, metric, masks_per_pass, generations)
-    return run_sweep(
-        model,
-        samples,
-        ranking,
-        config,
-        targets,
-        batch_size,
-        max_new_tokens,
-        objective,
-        backend,
-        progress,
-    )
-
-
-def run_sweep(
-    model: Model,
-    samples: Sequence[Sample],
-    ranking: Scores | NeuronSet,
-    config: SweepConfig,
-    targets: str = "self",
-    batch_size: int = 8,
-    max_new_tokens: int = 32,
-    objective: Objective | None = None,
-    backend: str = "auto",
-    progress: bool = True,
-    recorded_targets: str | None = None,
-) -> StrategyResult:
-    """:func:`sweep` with its options in a :class:`SweepConfig`.
-
-    ``recorded_targets`` names where the targets came from when the caller already resolved
-    them (``targets="given"`` on samples that carry the model's own answers).
-    """
     config.check()
     if isinstance(ranking, Scores):
         ranking.check_model(model)
@@ -95,7 +63,7 @@ def run_sweep(
         ranking,
         config,
         ks,
-        targets=recorded_targets or targets,
+        targets=targets,
         batch_size=batch_size,
         max_new_tokens=max_new_tokens,
         objective=objective,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from canfast.sites import NeuronSet
-from canfast.sweep.engine import Evaluator
+from canfast.sweep.evaluator import Evaluator
 from canfast.sweep.result import Curve
 from canfast.sweep.trace import trace
 

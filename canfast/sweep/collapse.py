@@ -48,6 +48,7 @@ def collapse_sweep(job: SweepJob, ranked: bool) -> SweepResult:
         "sites": list(pool),
         "n_samples": len(job.samples),
         "targets": job.targets,
+        "score_eos": job.model.score_eos,
         "masked_evaluations": evaluator.calls,
     }
     return result

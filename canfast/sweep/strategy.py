@@ -23,7 +23,7 @@ from canfast.model import Model
 from canfast.objective import Objective
 from canfast.score import Scores
 from canfast.sites import NeuronSet
-from canfast.sweep.engine import METRICS, Evaluator
+from canfast.sweep.evaluator import METRICS, Evaluator
 from canfast.sweep.schedule import default_schedule, parse_schedule
 from canfast.timing import Timings
 
