@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -141,10 +142,12 @@ def main() -> None:
         {"path": name, "seconds": seconds, "ratio": seconds / floor}
         for name, seconds in medians.items()
     ]
+    load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     tokens = sum(model.encode([s]).inputs["input_ids"].shape[1] for s in data)
     print(
         f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(data)} samples, "
-        f"{tokens} tokens, {torch.get_num_threads()} threads, {platform.machine()}"
+        f"{tokens} tokens, {torch.get_num_threads()} threads, {platform.machine()}, "
+        f"load average {load:.1f} at the end"
     )
     print(f"medians of {args.repeats} interleaved rounds")
     print(f"{'path':48s} {'median s':>9s} {'x floor':>8s}")
@@ -158,6 +161,7 @@ def main() -> None:
         "rows": rows,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "load_average_at_end": load,
         "quick": args.quick,
     }
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")

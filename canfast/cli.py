@@ -76,6 +76,19 @@ MODEL = OptionGroup(
     option("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cpu)."),
     option("--device-map", default=None, help="Passed to transformers, e.g. auto."),
     option("--trust-remote-code", is_flag=True, help="Run the model repository's own code."),
+    option(
+        "--task",
+        type=click.Choice(["auto", "base"]),
+        default="auto",
+        show_default=True,
+        help="auto: the model with the head it is scored with (refused when the checkpoint "
+        "lacks the head's weights); base: the bare model, for a custom objective.",
+    ),
+    option(
+        "--allow-pickle",
+        is_flag=True,
+        help="Read pickle weights (pytorch_model.bin) with torch's weights-only loader.",
+    ),
 )
 SITES = OptionGroup(
     lambda unit, patterns, components, kinds: SiteConfig(
@@ -166,7 +179,16 @@ SWEEP = OptionGroup(
         type=float,
         default=1.0,
         show_default=True,
-        help="Collapse when log10(PPL_k / PPL_0) >= tau.",
+        help="Collapse threshold: log10(PPL_k / PPL_0) >= tau (ratio), or a mean loss risen by "
+        "tau (delta).",
+    ),
+    option(
+        "--criterion",
+        type=click.Choice(["ratio", "delta"]),
+        default="ratio",
+        show_default=True,
+        help="ratio: the perplexity ratio (for the NLL); delta: the absolute rise of the mean "
+        "loss (for losses that are not an NLL).",
     ),
     option(
         "--onset",
@@ -175,7 +197,13 @@ SWEEP = OptionGroup(
         show_default=True,
         help="Degradation onset when PPL_k / PPL_0 >= onset.",
     ),
-    option("--seeds", type=int, default=3, show_default=True, help="Random-baseline seeds."),
+    option(
+        "--seeds",
+        type=click.IntRange(min=0),
+        default=3,
+        show_default=True,
+        help="Random-baseline seeds.",
+    ),
     option("--metric", type=click.Choice(METRICS), default="ppl", show_default=True),
     option(
         "--masks-per-pass",
@@ -301,7 +329,24 @@ def score(top, as_json, **params):
         return
     rows = [[i + 1, r["neuron"], r["score"]] for i, r in enumerate(best)]
     click.echo(table(["rank", "neuron", "score"], rows))
+    _say_ties(done.scores.ranking(), top)
     click.echo(f"\nwrote {done.out}/scores.safetensors and {done.out}/neurons.json")
+    _exit_if_failed(done)
+
+
+def _say_ties(ranking, shown: int | None) -> None:
+    from canfast.io import describe_ties
+
+    line = describe_ties(ranking, shown)
+    if line:
+        click.echo(line)
+
+
+def _exit_if_failed(done) -> None:
+    """A step after the main result failed: the result is in the run, and the exit says so."""
+    if done.failed:
+        click.echo(f"canfast: {done.failed}; the rest of the run is in {done.out}", err=True)
+        sys.exit(1)
 
 
 @main_group.command()
@@ -343,7 +388,9 @@ def sweep(scores_path, as_json, **params):
         click.echo(json.dumps({"out": str(done.out), **done.result.summary_json()}))
         return
     click.echo(done.result.summary(done.scores.ranking()))
+    _say_ties(done.scores.ranking(), getattr(done.result, "k_star", None))
     click.echo(f"\nwrote {done.out}")
+    _exit_if_failed(done)
 
 
 @main_group.command()
@@ -409,52 +456,18 @@ def report(run):
 _NO_ARGS = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
-@main_group.command()
-@click.option("--quick", is_flag=True, help="Small shapes: a smoke run of every benchmark.")
-@click.option(
-    "--only",
-    type=click.Choice(["kernels", "score"]),
-    default=None,
-    help="Run one benchmark: the kernels, or canfast.score end to end.",
-)
-@click.option(
-    "--root",
-    type=click.Path(path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="The canfast checkout whose bench/ folder to run.",
-)
-def bench(quick, only, root):
-    """Run the benchmarks of a canfast checkout (bench/*.py): tables on stdout, JSON in
-    bench/results/. The benchmarks measure ratios within one run, never absolute targets."""
-    import runpy
-
-    from canfast.errors import BadInput
-
-    scripts = {
-        "kernels": root / "bench" / "kernels.py",
-        "score": root / "bench" / "score_end_to_end.py",
-    }
-    chosen = [only] if only else list(scripts)
-    missing = [str(scripts[c]) for c in chosen if not scripts[c].is_file()]
-    if missing:
-        raise BadInput(
-            f"benchmark not found: {missing[0]} (run from a canfast checkout or pass --root)"
-        )
-    for name in chosen:
-        click.echo(f"== {name} ==")
-        saved = sys.argv
-        sys.argv = [str(scripts[name])] + (["--quick"] if quick else [])
-        try:
-            runpy.run_path(str(scripts[name]), run_name="__main__")
-        finally:
-            sys.argv = saved
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line each, like errors."""
+    click.echo(f"canfast: warning: {str(message).splitlines()[0]}", err=True)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input exits 2 with one line on stderr, never a traceback."""
+    import warnings
+
     from canfast.errors import BadInput
 
+    warnings.showwarning = _show_warning
     try:
         main_group.main(args=argv, prog_name="canfast", standalone_mode=False)
     except BadInput as exc:
@@ -462,7 +475,11 @@ def main(argv: list[str] | None = None) -> None:
     except _NO_ARGS as exc:
         exc.show()
         sys.exit(2)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        # click turns Ctrl-C into Abort (from the KeyboardInterrupt): still an interrupt.
+        if isinstance(exc.__cause__ or exc.__context__, KeyboardInterrupt):
+            click.echo("canfast: interrupted", err=True)
+            sys.exit(130)
         click.echo("canfast: aborted", err=True)
         sys.exit(1)
     except click.ClickException as exc:

@@ -1,11 +1,16 @@
 """Run directories and files, written atomically: a killed run leaves the old file or the new
-one, never half of one. Outputs are JSON and safetensors only; nothing is ever unpickled."""
+one, never half of one; a run directory holds the files of one complete run or of none.
+Outputs are JSON and safetensors only; nothing is ever unpickled."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import tempfile
+import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -18,7 +23,9 @@ os.umask(_UMASK)
 
 
 def prepare_run_dir(path: str | Path, overwrite: bool = False) -> Path:
-    """Create the run directory; refuse a non-empty existing one unless ``overwrite``."""
+    """Create the run directory; refuse a non-empty existing one unless ``overwrite``.
+
+    Prefer :class:`RunDir`, which also locks the directory and replaces it whole."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise BadInput(f"output {path} exists and is not a directory")
@@ -89,3 +96,375 @@ def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     except (SafetensorError, OSError) as exc:
         raise BadInput(f"{path}: not a readable safetensors file ({exc})") from None
     return tensors, metadata
+
+
+# ----- run directories -----------------------------------------------------------------------
+
+MANIFEST = "manifest.json"
+# What canfast writes into a run directory. ``--overwrite`` replaces a directory only when every
+# file in it is one of these: it never deletes files a person put there.
+RUN_FILE_PATTERNS = ("*.json", "*.jsonl", "*.safetensors", "*.html", "*.png", "*.svg", "*.csv")
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process ``pid`` (Linux), which tells a live run from a reused pid."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _alive(pid: int, started: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    now = _process_start(pid)
+    return started is None or now is None or now == started
+
+
+def _owner(path: Path) -> tuple[int, str | None] | None:
+    """The (pid, start time) a lock or staging file names, or None when unreadable."""
+    try:
+        record = json.loads(path.read_text())
+        return int(record["pid"]), record.get("started")
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class RunDir:
+    """A run directory that holds the files of one complete run, or of none.
+
+    Use it around the whole run::
+
+        with RunDir(out, overwrite=True) as run:   # checks --out and locks it, before any work
+            save(run.file("scores.safetensors"))   # files go to a staging directory beside out
+            ...
+        # on success the staging directory, with its manifest, replaces ``out`` whole
+
+    - Checked at once: ``out`` under a file, not a directory, unwritable, or holding files of a
+      run without ``overwrite`` is bad input.
+    - Locked: a second run into the same ``out`` is bad input naming the process that holds it;
+      the lock of a process that no longer runs is taken over.
+    - Whole: a failure, an interrupt or SIGTERM removes the staging directory and leaves ``out``
+      as it was; an earlier complete run is never destroyed by a run that does not complete.
+    - ``amend=True`` starts from a copy of the existing run's files (to add a report to it).
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        overwrite: bool = False,
+        amend: bool = False,
+        command: str | None = None,
+    ) -> None:
+        self.path = Path(path).expanduser().absolute()
+        self.overwrite = overwrite or amend
+        self.amend = amend
+        self.command = command
+        self.stage: Path | None = None
+        self._lock: Path | None = None
+        self._old_sigterm = None
+        self._made: list[Path] = []
+        self.committed = False
+
+    # ----- start -------------------------------------------------------------------------------
+
+    def __enter__(self) -> RunDir:
+        self.open()
+        return self
+
+    def open(self) -> RunDir:
+        self._check()
+        try:
+            self._acquire()
+        except BaseException:
+            self.close()
+            raise
+        try:
+            self._recover()
+            self._check_contents()
+            self._make_stage()
+        except BaseException:
+            self.close()
+            raise
+        self._trap_sigterm()
+        return self
+
+    def _check(self) -> None:
+        path = self.path
+        for parent in [path, *path.parents]:
+            if parent.exists():
+                if not parent.is_dir():
+                    if parent == path:
+                        raise BadInput(f"output {path} exists and is not a directory")
+                    raise BadInput(f"output {path} lies under {parent}, a file, not a directory")
+                break
+        missing = [p for p in path.parents if not p.exists()]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made = missing  # removed again, if empty, when the run does not complete
+        except OSError as exc:
+            raise BadInput(f"cannot create output {path}: {exc.strerror or exc}") from None
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            raise BadInput(f"cannot write output {path}: {path.parent} is not writable")
+        if self.amend and not path.is_dir():
+            raise BadInput(f"{path}: no run directory there")
+
+    def _sibling(self, tag: str, pid: int | None = None) -> Path:
+        suffix = f".{pid}" if pid is not None else ""
+        return self.path.parent / f".{self.path.name}.{tag}{suffix}"
+
+    def _acquire(self) -> None:
+        lock = self._sibling("lock")
+        me = {"pid": os.getpid(), "started": _process_start(os.getpid())}
+        for _ in range(3):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                owner = _owner(lock)
+                if owner is None:
+                    # A lock being written this instant, or the remains of a killed writer.
+                    time.sleep(0.05)
+                    owner = _owner(lock)
+                if owner is not None and _alive(*owner):
+                    raise BadInput(
+                        f"output {self.path} is in use by another canfast run (process "
+                        f"{owner[0]}); wait for it, or choose another --out"
+                    ) from None
+                lock.unlink(missing_ok=True)  # stale: its process is gone
+                continue
+            except OSError as exc:
+                raise BadInput(f"cannot write output {self.path}: {exc.strerror or exc}") from None
+            with os.fdopen(fd, "w") as handle:
+                json.dump(me, handle)
+            self._lock = lock
+            return
+        raise BadInput(f"output {self.path}: cannot take its lock {lock}")
+
+    def _recover(self) -> None:
+        """Undo what a killed run left beside ``out``: its staging directory, or an earlier run
+        moved aside in the instant of a swap."""
+        for leftover in self.path.parent.glob(f".{self.path.name}.*"):
+            tag, _, pid = leftover.name.removeprefix(f".{self.path.name}.").partition(".")
+            if tag not in ("staging", "old") or not pid.isdigit():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # cannot happen under our lock, unless the pid was reused: leave it
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+            if tag == "old" and not self.path.exists():
+                leftover.rename(self.path)
+            else:
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def _check_contents(self) -> None:
+        path = self.path
+        if not path.is_dir():
+            return
+        present = [p for p in path.iterdir()]
+        if not present or self.amend:
+            return  # amending keeps every file and folder already there
+        if not self.overwrite:
+            raise BadInput(
+                f"output directory {path} already exists; pass --overwrite to replace it"
+            )
+        foreign = [p.name for p in present if not _is_run_file(p)]
+        if foreign:
+            raise BadInput(
+                f"output directory {path} holds files canfast did not write ({foreign[0]}"
+                f"{', ...' if len(foreign) > 1 else ''}); refusing to replace it"
+            )
+
+    def _make_stage(self) -> None:
+        stage = self._sibling("staging", os.getpid())
+        shutil.rmtree(stage, ignore_errors=True)
+        try:
+            stage.mkdir()
+        except OSError as exc:
+            raise BadInput(f"cannot write output {self.path}: {exc.strerror or exc}") from None
+        self.stage = stage
+        if self.amend:
+            # Hard links: the copy costs no space, and files are replaced by rename, never
+            # written in place, so the run being amended stays as it was until the swap.
+            for item in self.path.iterdir():
+                if item.is_dir():
+                    shutil.copytree(item, stage / item.name, copy_function=_link_or_copy)
+                elif item.name != MANIFEST:
+                    _link_or_copy(item, stage / item.name)
+
+    def _trap_sigterm(self) -> None:
+        # SIGTERM ends Python without unwinding; turned into SystemExit, it runs the cleanup.
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+            return
+
+        def on_term(signum, frame):
+            raise SystemExit(128 + signum)
+
+        self._old_sigterm = signal.signal(signal.SIGTERM, on_term)
+
+    # ----- during the run ----------------------------------------------------------------------
+
+    def file(self, name: str) -> Path:
+        """Where to write the run's file ``name`` (in the staging directory)."""
+        if self.stage is None:
+            raise RuntimeError("RunDir used before open()")
+        return self.stage / name
+
+    # ----- end ---------------------------------------------------------------------------------
+
+    def commit(self, failed: str | None = None) -> Path:
+        """Swap the staged run in as ``out``, with a manifest that names its files.
+
+        ``failed`` names a step after the main result that did not complete (a report, say):
+        the files written so far are kept and the manifest says what is missing.
+        """
+        if self.stage is None or self.committed:
+            raise RuntimeError("RunDir.commit() without an open run")
+        files = sorted(str(p.relative_to(self.stage)) for p in self.stage.rglob("*") if p.is_file())
+        manifest = {
+            "canfast_version": _version(),
+            "command": self.command,
+            "pid": os.getpid(),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "complete": failed is None,
+            "files": [f for f in files if f != MANIFEST],
+        }
+        if failed is not None:
+            manifest["failed"] = failed
+        write_json(self.stage / MANIFEST, manifest)
+        old = self._sibling("old", os.getpid())
+        if self.path.exists():
+            self.path.rename(old)
+        self.stage.rename(self.path)
+        shutil.rmtree(old, ignore_errors=True)
+        self.stage = None
+        self.committed = True
+        return self.path
+
+    def close(self) -> None:
+        """Drop what was staged (unless committed) and release the lock."""
+        if self.stage is not None:
+            shutil.rmtree(self.stage, ignore_errors=True)
+            self.stage = None
+        if self._old_sigterm is not None:
+            signal.signal(signal.SIGTERM, self._old_sigterm)
+            self._old_sigterm = None
+        self._release()
+        if not self.committed:
+            for made in self._made:  # innermost first
+                try:
+                    made.rmdir()
+                except OSError:
+                    break
+        self._made = []
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            owner = _owner(self._lock)
+            if owner is not None and owner[0] == os.getpid():
+                self._lock.unlink(missing_ok=True)
+            self._lock = None
+
+    def __exit__(self, kind, exc, tb) -> None:
+        try:
+            if kind is None and not self.committed:
+                self.commit()
+        finally:
+            self.close()
+
+
+def _link_or_copy(source, target) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _is_run_file(path: Path) -> bool:
+    if path.is_dir():
+        return False
+    return any(path.match(pattern) for pattern in RUN_FILE_PATTERNS)
+
+
+def _version() -> str:
+    from canfast import __version__
+
+    return __version__
+
+
+def read_manifest(path: str | Path) -> dict | None:
+    """The manifest of run directory ``path``, or None for a run written before manifests."""
+    manifest = Path(path) / MANIFEST
+    return read_json(manifest) if manifest.is_file() else None
+
+
+def check_finite(path: str | Path, tensors: dict[str, Tensor]) -> None:
+    """Refuse a tensor file with NaN or inf in it, naming the first tensor that has one."""
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
+            bad = int((~tensor.isfinite()).sum())
+            raise BadInput(f"{path}: {key} holds {bad} NaN or infinite values")
+
+
+# ----- neurons.json --------------------------------------------------------------------------
+
+
+def tie_groups(scores: list[float]) -> list[tuple[int, int]]:
+    """``(first index, size)`` of every run of equal scores longer than one, in a ranking
+    sorted best first."""
+    groups, start = [], 0
+    for i in range(1, len(scores) + 1):
+        if i == len(scores) or scores[i] != scores[start]:
+            if i - start > 1:
+                groups.append((start, i - start))
+            start = i
+    return groups
+
+
+def neuron_records(ranking) -> list[dict]:
+    """The records of ``neurons.json``: ``{"neuron", "score", "rank"}`` best first, where
+    neurons with equal scores share the rank of the first of them, and carry ``"tied"``: how
+    many share it. The order within a tie is site order, then channel order: it means nothing,
+    and the file says so."""
+    ids = ranking.ids()
+    scores = list(ranking.scores) if ranking.scores is not None else [None] * len(ids)
+    records = [
+        {"neuron": n, "score": s, "rank": i + 1} for i, (n, s) in enumerate(zip(ids, scores))
+    ]
+    if ranking.scores is not None:
+        for start, size in tie_groups(scores):
+            for record in records[start : start + size]:
+                record["rank"] = start + 1
+                record["tied"] = size
+    return records
+
+
+def describe_ties(ranking, shown: int | None = None) -> str | None:
+    """One line on the ties of a ranking, or None when it has none that matter: the largest
+    tie, and whether the first ``shown`` neurons end inside one."""
+    if ranking.scores is None:
+        return None
+    groups = tie_groups(list(ranking.scores))
+    if not groups:
+        return None
+    start, size = max(groups, key=lambda g: g[1])
+    tied = sum(g[1] for g in groups)
+    line = (
+        f"ties: {tied} of {len(ranking)} neurons share a score with another (the largest tie: "
+        f"{size} neurons at {ranking.scores[start]:.6g}, ranks {start + 1}-{start + size}); "
+        "their order within a tie means nothing"
+    )
+    if shown is not None:
+        cut = [g for g in groups if g[0] < shown < g[0] + g[1]]
+        if cut:
+            line += f"; the top {shown} ends inside a tie of {cut[0][1]}"
+    return line

@@ -59,6 +59,11 @@ class Model:
             processor, self.task, prompt_template, target_separator, name=self.name
         )
         self.encoder.score_eos = score_eos
+        head = getattr(hf_model, "get_output_embeddings", None)
+        if head is not None and head() is None and not self.adapter.uses_images:
+            # A bare model (BertModel, a sentence encoder): no head to score tokens with, so
+            # only a custom objective can score it (the encoder reads its inputs alone).
+            self.task = "base"
         if not self.all_sites("out"):
             raise BadInput(
                 f"unsupported architecture {hf_model.config.model_type!r}: "
@@ -132,9 +137,14 @@ class Model:
         self.encoder.score_eos = value
 
     def encode(self, samples: Sequence[Sample]) -> Batch:
-        """Inputs, aligned labels and target mask for samples that all have targets: the
-        family's encoder (:mod:`canfast.adapters.encoders`) at work."""
-        return self.encoder.encode(samples)
+        """Inputs, aligned labels and target mask: the family's encoder
+        (:mod:`canfast.adapters.encoders`) at work. Samples without any target (for a bare
+        model, or an objective that needs none) give the inputs alone, no token scored. A
+        sample longer than the model's positions, or a target of unknown tokens only, is bad
+        input."""
+        if self.task == "base" or all(s.target is None for s in samples):
+            return check_encoded(self, samples, self.encoder.encode_inputs(samples))
+        return check_encoded(self, samples, self.encoder.encode(samples))
 
     def encode_prompts(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
         """Prompt inputs for generation, padded as the model generates from them."""
@@ -151,6 +161,47 @@ class Model:
         return f"Model({self.name!r}, family={self.adapter.family}, {n} FFN neurons)"
 
 
+def max_positions(config) -> int | None:
+    """The most token positions a model takes, from its (text) config; None when it has no hard
+    limit (relative positions, as T5)."""
+    if getattr(config, "is_encoder_decoder", False):
+        return None
+    text = getattr(config, "text_config", None) or config
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(text, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_encoded(model: Model, samples: Sequence[Sample], batch: Batch) -> Batch:
+    """Refuse a batch the model cannot read or whose score would mean nothing: a sample longer
+    than the model's positions (it is refused, never truncated), or a target made only of
+    unknown tokens."""
+    limit = max_positions(model.hf.config)
+    valid = batch.valid.get("language")
+    if limit is not None and valid is not None and valid.shape[1] > limit:
+        for sample, length in zip(samples, valid.sum(dim=1).tolist(), strict=True):
+            if length > limit:
+                raise BadInput(
+                    f"a sample is {length} tokens long, over the {limit} positions "
+                    f"{model.name} takes (prompt {sample.prompt[:40]!r}); shorten it"
+                )
+    tok = model.tokenizer
+    unk = tok.unk_token_id
+    if unk is None or model.task == "base":
+        return batch
+    special = set(tok.all_special_ids) - {unk}
+    for sample, row in zip(samples, batch.labels.tolist(), strict=True):
+        scored = [t for t in row if t != IGNORE and t not in special]
+        if scored and all(t == unk for t in scored):
+            raise BadInput(
+                f"target {sample.target!r} becomes {len(scored)} unknown tokens "
+                f"({tok.unk_token}) only: the tokenizer of {model.name} cannot read it"
+            )
+    return batch
+
+
 def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     if dtype is None or isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
@@ -161,48 +212,136 @@ def _torch_dtype(dtype: str | torch.dtype | None) -> torch.dtype | str | None:
     return names[dtype]
 
 
+TASKS = ("auto", "base")
+WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
 def load(
     name_or_path: str,
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     device_map: str | dict | None = None,
     trust_remote_code: bool = False,
+    task: str = "auto",
+    allow_pickle: bool = False,
 ) -> Model:
     """Load a model and its processor (or tokenizer) by Hub id, local path or ``builtin:NAME``.
+
+    - ``task="auto"`` builds the model with the head its family is scored with (a language-model
+      head, a masked-LM head). Every weight of that model must come from the checkpoint: a
+      checkpoint without the head (a sentence encoder saved as ``BertModel``) is refused rather
+      than scored with a randomly initialised head.
+    - ``task="base"`` loads the bare model (``AutoModel``), for scoring with a custom
+      ``objective=`` (see :mod:`canfast.objectives`); a pooler missing from the checkpoint is
+      dropped, never left random.
+    - Weights are read from safetensors only; a pickle checkpoint (``pytorch_model.bin``) needs
+      ``allow_pickle=True`` and is then read with torch's ``weights_only`` loader.
 
     Works offline for local paths and for cached models with ``HF_HUB_OFFLINE=1``. Remote code is
     never trusted unless ``trust_remote_code=True``.
     """
+    if task not in TASKS:
+        raise BadInput(f"unknown task {task!r}; choose 'auto' or 'base'")
     dtype = _torch_dtype(dtype)
+    device = check_device(device)
     if name_or_path.startswith("builtin:"):
         from canfast.zoo import load_builtin_model
 
         hf_model, processor = load_builtin_model(name_or_path.removeprefix("builtin:"), dtype)
     else:
-        hf_model, processor = _load_pretrained(name_or_path, dtype, device_map, trust_remote_code)
+        hf_model, processor = _load_pretrained(
+            name_or_path, dtype, device_map, trust_remote_code, task, allow_pickle
+        )
     if device is not None and device_map is None:
         hf_model.to(device)
     hf_model.eval()
-    return Model(hf_model, processor, name=name_or_path)
+    model = Model(hf_model, processor, name=name_or_path)
+    if task == "base":
+        model.task = "base"
+    return model
 
 
-def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool):
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """``device`` parsed and present on this machine, or bad input saying what is missing."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise BadInput(f"unknown device {device!r} ({exc})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise BadInput(f"device {device!r}: CUDA is not available on this machine")
+        count = torch.cuda.device_count()
+        if parsed.index is not None and parsed.index >= count:
+            raise BadInput(f"device {device!r}: this machine has {count} CUDA device(s)")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise BadInput(f"device {device!r}: MPS is not available on this machine")
+    return parsed
+
+
+def _looks_local(name: str) -> bool:
+    """A path rather than a Hub id: it starts with ``.``, ``/`` or ``~``, or its parent is an
+    existing directory (``models/minilm`` next to a ``models`` folder)."""
+    if name.startswith((".", "/", "~")) or os.sep in name and name.count("/") != 1:
+        return True
+    parent = Path(name).expanduser().parent
+    return str(parent) not in ("", ".") and parent.is_dir()
+
+
+def _check_local(name: str) -> None:
+    """Refuse a missing local model directory at once, before transformers asks the Hub."""
+    local = Path(name).expanduser()
+    if not local.exists():
+        if _looks_local(name):
+            raise BadInput(f"model not found: {name} (no such directory)")
+        return
+    if not local.is_dir():
+        raise BadInput(f"model {name} is a file; pass the directory that holds it")
+    if not (local / "config.json").is_file():
+        raise BadInput(f"model {name}: no config.json in the directory")
+
+
+def _check_weights(name: str, allow_pickle: bool) -> None:
+    """Refuse a local model directory without weights, or with pickle weights only."""
+    local = Path(name).expanduser()
+    if not local.is_dir():
+        return
+    weights = [p.name for pattern in WEIGHT_FILES for p in local.glob(pattern)]
+    if not weights:
+        raise BadInput(f"model {name}: no weights in the directory (expected model.safetensors)")
+    if not any(w.endswith(".safetensors") for w in weights) and not allow_pickle:
+        raise BadInput(
+            f"model {name}: only pickle weights ({weights[0]}); convert them to safetensors, "
+            "or pass --allow-pickle (allow_pickle=True) to read them with torch's weights-only "
+            "loader"
+        )
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _load_pretrained(
+    name: str, dtype, device_map, trust_remote_code: bool, task: str, allow_pickle: bool
+):
     import transformers
+    from safetensors import SafetensorError
     from transformers import AutoConfig
 
-    local = Path(name).expanduser()
-    if name.startswith((".", "/", "~")) and not local.exists():
-        raise BadInput(f"model not found: {name} (no such directory)")
+    _check_local(name)
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise BadInput(f"cannot load model {name!r}: {first}") from None
+        raise BadInput(f"cannot load model {name!r}: {_first_line(exc)}") from None
     adapter = adapter_for(config.model_type)
-    task = adapter.task
-    if getattr(config, "is_encoder_decoder", False):
-        task = "seq2seq"
-    if adapter.uses_images:
+    _check_weights(name, allow_pickle)
+    family_task = "seq2seq" if getattr(config, "is_encoder_decoder", False) else adapter.task
+    if task == "base":
+        auto_model = transformers.AutoModel
+        auto_processor = transformers.AutoProcessor if adapter.uses_images else None
+    elif adapter.uses_images:
         auto_model = transformers.AutoModelForImageTextToText
         auto_processor = transformers.AutoProcessor
     else:
@@ -210,16 +349,59 @@ def _load_pretrained(name: str, dtype, device_map, trust_remote_code: bool):
             "causal": transformers.AutoModelForCausalLM,
             "seq2seq": transformers.AutoModelForSeq2SeqLM,
             "masked": transformers.AutoModelForMaskedLM,
-        }[task]
-        auto_processor = transformers.AutoTokenizer
-    kwargs = {"trust_remote_code": trust_remote_code}
+        }[family_task]
+        auto_processor = None
+    kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
+    # Without allow_pickle, transformers must not fall back to pytorch_model.bin.
+    kwargs["use_safetensors"] = None if allow_pickle else True
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
         kwargs["device_map"] = device_map
-    hf_model = auto_model.from_pretrained(name, **kwargs)
-    processor = auto_processor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    try:
+        hf_model, info = auto_model.from_pretrained(name, **kwargs)
+    except SafetensorError as exc:
+        raise BadInput(
+            f"model {name}: unreadable safetensors weights ({_first_line(exc)})"
+        ) from None
+    except (OSError, ValueError) as exc:
+        hint = "" if allow_pickle or "safetensors" not in str(exc) else " (or --allow-pickle)"
+        raise BadInput(f"cannot load model {name!r}: {_first_line(exc)}{hint}") from None
+    _check_loaded(name, hf_model, info, task)
+    auto_processor = auto_processor or transformers.AutoTokenizer
+    try:
+        processor = auto_processor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, TypeError) as exc:
+        raise BadInput(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
     return hf_model, processor
+
+
+def _check_loaded(name: str, hf_model: nn.Module, info: dict, task: str) -> None:
+    """Refuse a model with weights the checkpoint did not hold: transformers initialises them
+    at random, and scores of a random head describe a model that does not exist."""
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(
+        str(k[0]) if isinstance(k, tuple) else str(k) for k in info.get("mismatched_keys") or ()
+    )
+    pooler = [k for k in missing if k.split(".")[0] == "pooler"]
+    if task == "base" and pooler and getattr(hf_model, "pooler", None) is not None:
+        # A sentence encoder saved without its pooler: drop it, so pooler_output is None
+        # rather than random numbers.
+        hf_model.pooler = None
+        missing = [k for k in missing if k not in pooler]
+    if mismatched:
+        raise BadInput(
+            f"model {name}: {len(mismatched)} weights in the checkpoint do not fit "
+            f"{type(hf_model).__name__} (e.g. {mismatched[0]})"
+        )
+    if missing:
+        head = sorted({k.rsplit(".", 2)[0] for k in missing})
+        raise BadInput(
+            f"model {name}: the checkpoint has no weights for {len(missing)} tensors of "
+            f"{type(hf_model).__name__} (e.g. {missing[0]}; in {', '.join(head[:3])}), which "
+            "would be random; load the base model with --task base (task='base') and score it "
+            "with a custom objective= (canfast.objectives)"
+        )
 
 
 def quiet_transformers() -> None:

@@ -40,6 +40,11 @@ def token_nll(logits: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
 
 def mean_nll(outputs, batch: Batch) -> Tensor:
     """The default objective: each sample's mean NLL over its target tokens."""
+    if getattr(outputs, "logits", None) is None:
+        raise BadInput(
+            "the model has no head to score tokens with (a base model): pass a custom "
+            "objective= (see canfast.objectives)"
+        )
     total, count = token_nll(outputs.logits, batch.labels)
     return total / count.clamp_min(1)
 
@@ -166,18 +171,26 @@ def with_targets(
     targets: str = "self",
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    objective: Objective | None = None,
 ) -> list[Sample]:
     """Samples with the targets every loss is scored on.
 
     ``given`` keeps the data's reference answers (all must have one); ``self`` replaces them
-    with the unmasked model's own greedy answers.
+    with the unmasked model's own greedy answers. A bare model (``task="base"``), or an
+    objective marked ``needs_targets = False`` (those of :mod:`canfast.objectives`), takes
+    the samples as they are: targets are optional then.
     """
     if targets not in TARGETS:
         raise BadInput(f"unknown targets {targets!r}; choose 'self' or 'given'")
+    if model.task == "base" or not getattr(objective, "needs_targets", True):
+        return list(samples)  # nothing to generate, nothing scored token by token
     if targets == "given":
         missing = sum(s.target is None for s in samples)
         if missing:
             raise BadInput(f"--targets given, but {missing} samples have no target")
+        blank = sum(not s.target.strip() for s in samples)
+        if blank:
+            raise BadInput(f"--targets given, but {blank} samples have an empty target")
         return list(samples)
     answers = generate_answers(model, samples, max_new_tokens, batch_size)
     return [s.with_target(a) for s, a in zip(samples, answers, strict=True)]

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from canfast.data import Sample, load_data
 from canfast.errors import BadInput
+from canfast.io import RunDir
 from canfast.model import Model, load, quiet_transformers
 from canfast.objective import Objective, with_targets
 from canfast.score import Scores, check_alpha, score
@@ -51,6 +52,8 @@ class ModelConfig:
     device_map: str | None = None
     trust_remote_code: bool = False
     quiet: bool = False
+    task: str = "auto"
+    allow_pickle: bool = False
 
     def load(self) -> Model:
         if self.quiet:
@@ -66,6 +69,8 @@ class ModelConfig:
             device=self.device,
             device_map=self.device_map,
             trust_remote_code=self.trust_remote_code,
+            task=self.task,
+            allow_pickle=self.allow_pickle,
         )
 
 
@@ -132,6 +137,7 @@ class RunOutcome:
     scores: Scores
     result: StrategyResult | None = None
     files: list[Path] = field(default_factory=list)
+    failed: str | None = None
 
 
 def run(
@@ -156,7 +162,12 @@ def run(
     strategy = sweep.check() if sweep is not None else None
     name = model.name if isinstance(model, Model | ModelConfig) else str(model)
     out = Path(out) if out is not None else default_out("sweep" if sweep else "score", name)
-    check_out(out, overwrite)
+    # Checked and locked before any work; filled in a staging directory; swapped in whole.
+    with RunDir(out, overwrite, command="sweep" if sweep else "score") as run_dir:
+        return _run(run_dir, model, data, sites, scoring, sweep, strategy, report)
+
+
+def _run(run_dir, model, data, sites, scoring, sweep, strategy, report) -> RunOutcome:
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
     # A Model passed in keeps its own setting once the run is over.
@@ -166,7 +177,7 @@ def run(
     finally:
         loaded.score_eos = kept
     shown = strategy if report else None
-    return _write_run(out, overwrite, scores, scoring.path is None, result, shown)
+    return _write_run(run_dir, scores, scoring.path is None, result, shown)
 
 
 def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
@@ -182,7 +193,12 @@ def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
         timings = Timings()
         with timings.measure("targets"):
             samples = with_targets(
-                loaded, samples, data.targets, data.max_new_tokens, data.batch_size
+                loaded,
+                samples,
+                data.targets,
+                data.max_new_tokens,
+                data.batch_size,
+                scoring.objective,
             )
         if scores is None:
             scores = _score(loaded, samples, sites, scoring, data, chosen, "given")
@@ -225,21 +241,32 @@ def _score(model, samples, sites, scoring, data, chosen, targets) -> Scores:
     return scores
 
 
-def _write_run(out, overwrite, scores, write_scores, result, strategy) -> RunOutcome:
-    from canfast.io import prepare_run_dir, write_json
+def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
+    """Write the run's files into its staging directory, the result first, and commit it.
 
-    out = prepare_run_dir(out, overwrite)
-    done = RunOutcome(out, scores, result)
+    A failure after the result (the report) leaves the result, committed, and says what failed
+    in the manifest and in ``RunOutcome.failed``: no later step can lose a sweep."""
+    from canfast.io import neuron_records, write_json
+
+    stage = run_dir.stage
+    done = RunOutcome(run_dir.path, scores, result)
     if write_scores:
-        scores.save(out / SCORES_FILE)
-        done.files.append(out / SCORES_FILE)
-        done.files.append(write_json(out / NEURONS_FILE, scores.ranking().to_records()))
+        scores.save(stage / SCORES_FILE)
+        done.files.append(SCORES_FILE)
+        write_json(stage / NEURONS_FILE, neuron_records(scores.ranking()))
+        done.files.append(NEURONS_FILE)
     if result is not None:
-        done.files += result.write(out)
+        done.files += [Path(p).name for p in result.write(stage)]
     if strategy and strategy.report:
-        page = write_report(out, required=False)
-        if page is not None:
-            done.files.append(page)
+        try:
+            page = write_report(stage, required=False)
+        except Exception as exc:  # noqa: BLE001 - any failure here must not lose the result
+            done.failed = f"report: {type(exc).__name__}: {exc}"
+        else:
+            if page is not None:
+                done.files.append(Path(page).name)
+    run_dir.commit(failed=done.failed)
+    done.files = [run_dir.path / name for name in done.files]
     return done
 
 
@@ -250,14 +277,6 @@ def default_out(command: str, model: str) -> Path:
     """``runs/<command>-<model slug>-<local time>``."""
     slug = re.sub(r"[^A-Za-z0-9]+", "-", model.split(":")[-1].split("/")[-1]).strip("-")
     return Path("runs") / f"{command}-{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an existing run directory before any work, so nothing is half-written."""
-    if out.exists() and not out.is_dir():
-        raise BadInput(f"output {out} exists and is not a directory")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise BadInput(f"output directory {out} already exists; pass --overwrite to replace it")
 
 
 def read_scores(path: str | Path, model: Model | None = None) -> Scores:
@@ -281,7 +300,12 @@ def write_report(run_dir: str | Path, required: bool = True) -> Path | None:
         if required:
             raise BadInput("the report module is not available in this installation") from None
         return None
-    return draw(run_dir)
+    if not required:
+        return draw(run_dir)  # into a run being written
+    # Added to a finished run whole: a failed report leaves the run as it was.
+    with RunDir(run_dir, amend=True, command="report") as amend:
+        page = draw(amend.stage)
+    return run_dir / Path(page).name
 
 
 # ----- neurons and generations ---------------------------------------------------------------
@@ -297,8 +321,16 @@ def top_neuron_ids(path: Path, k: int | None) -> list[str]:
         isinstance(r, dict) and "neuron" in r for r in records
     ):
         raise BadInput(f"{path}: expected a list of {{'neuron': ...}} records")
+    for number, record in enumerate(records, start=1):
+        if not isinstance(record["neuron"], str):
+            raise BadInput(
+                f"{path}: record {number} has neuron {record['neuron']!r}, not a neuron id "
+                "string such as 'language.3.down:17'"
+            )
     if k is None:
         raise BadInput("--neurons needs --k, the number of top neurons to mask")
+    if k > len(records):
+        raise BadInput(f"--k {k} is more than the {len(records)} neurons in {path}")
     return [r["neuron"] for r in records[:k]]
 
 

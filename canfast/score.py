@@ -8,8 +8,11 @@ torch backend) collects ``a`` and ``dL/da`` with hooks and reduces them with ``s
 
     S[i, j] = mean_t |dL_i/da[i, t, j]| ** alpha * |a[i, t, j]|      I[j] = mean_i S[i, j]
 
-Gradients come from the sum of per-sample losses, so each sample's gradient is its own.
-Parameters never receive gradients.
+Gradients come from the sum of per-sample losses, so each sample's gradient is its own when
+each sample's loss depends on that sample alone (the default NLL, and any objective that reads
+one row at a time). A loss that compares the samples of a batch (an in-batch contrastive loss)
+couples them: each sample's gradient then depends on the batch it shares. Parameters never
+receive gradients.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from tqdm.auto import tqdm
 from canfast import __version__, ops
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
-from canfast.io import load_tensors, save_tensors
+from canfast.io import check_finite, load_tensors, save_tensors
 from canfast.mask import RouteLayer, route
 from canfast.model import Batch, Model
 from canfast.objective import Objective, mean_nll, with_targets
@@ -93,6 +96,9 @@ class Scores:
     @classmethod
     def load(cls, path) -> Scores:
         tensors, meta = load_tensors(path)
+        check_finite(path, tensors)
+        if not meta.get("model_fingerprint"):
+            raise BadInput(f"{path}: no model fingerprint, so no model can be checked against it")
         values = {k: v for k, v in tensors.items() if "@" not in k}
         order = meta.pop(SITE_ORDER, None)
         if order is not None:
@@ -132,8 +138,7 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     digest = hashlib.sha256()
     for s in samples:
         digest.update(repr((s.prompt, s.target, s.category)).encode())
-        if s.image is not None:
-            digest.update(s.image.tobytes())
+        digest.update(s.image_digest())
     return digest.hexdigest()[:16]
 
 
@@ -368,6 +373,22 @@ def _collector_class(path: str, backend: str, model: Model) -> type[_Collector]:
     return _FusedCollector if path == "fused" else _HookCollector
 
 
+def check_signal(values: dict[str, Tensor], nll: bool, tokens: int, loss: float) -> None:
+    """Refuse scores that rank nothing: every one of them would be 0, and a ranking of ties."""
+    if nll and tokens == 0:
+        raise BadInput(
+            "no sample has a target token to score (a masked LM scores its [MASK] tokens: "
+            "no prompt has one); give targets, or a custom objective="
+        )
+    if loss == 0.0:
+        raise BadInput("the loss is exactly 0 on every sample: there is no gradient to score")
+    if all(not bool(v.any()) for v in values.values()):
+        raise BadInput(
+            "every gradient at the chosen sites is 0: the loss does not depend on them, so "
+            "every score is 0"
+        )
+
+
 def score(
     model: Model,
     samples: Sequence[Sample],
@@ -387,11 +408,15 @@ def score(
     """CAN scores of every neuron of the chosen sites (all FFN sites by default).
 
     ``targets="self"`` scores the model's own greedy answers; ``"given"`` the data's targets.
-    ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``.
+    ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``;
+    ``S[i, j]`` is sample ``i``'s own only when its loss depends on no other sample of its batch.
     ``path``: ``"fused"`` computes the scores inside the backward pass of each site's Linear
     (routed through ``canfast.ops.masked_linear``); ``"hooks"`` collects activations and
     gradients with hooks and reduces them with ``score_accumulate`` (the reference); ``"auto"``
     takes the fused path on the cpp and triton backends.
+
+    A run that cannot rank anything is bad input, naming why: no target token to score, a loss
+    that is zero on every sample, or a gradient that is zero at every chosen site.
     """
     alpha = check_alpha(alpha)
     collector_class = _collector_class(path, backend, model)
@@ -399,10 +424,14 @@ def score(
     if not samples:
         raise BadInput("no samples to score")
     started = time.perf_counter()
-    samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
+    samples = with_targets(model, samples, targets, max_new_tokens, batch_size, objective)
     loss_fn = objective or mean_nll
+    mask_token = model.tokenizer.mask_token if model.task == "masked" else None
+    if objective is None and mask_token and not any(mask_token in s.prompt for s in samples):
+        check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
+    seen = [0, 0.0]  # target tokens, sum of |loss|
     try:
         with collector_class(chosen, alpha, backend) as collector, torch.enable_grad():
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
@@ -410,6 +439,8 @@ def score(
                 batch = model.encode(chunk).to(model.device)
                 collector.batch = batch
                 losses = loss_fn(model.forward(batch), batch)
+                seen[0] += int(batch.target_mask.sum())
+                seen[1] += float(losses.detach().abs().sum())
                 total = losses.sum()
                 if total.requires_grad:
                     total.backward()
@@ -422,6 +453,7 @@ def score(
     values, stats = {}, {}
     for site in chosen:
         values[site.name], stats[site.name] = collector.totals[site.name].result()
+    check_signal(values, objective is None, *seen)
     meta = {
         "alpha": repr(alpha),
         "unit": unit,

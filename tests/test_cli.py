@@ -418,7 +418,8 @@ def test_bad_input_in_process(capsys, tmp_path, monkeypatch, case):
 def test_report_needs_a_sweep(capsys, tmp_path):
     code, _, err = in_process(capsys, "report", tmp_path)
     assert code == 2
-    assert err.strip() == f"canfast: error: {tmp_path}: no sweep.json or scan.json in this run directory"
+    wanted = f"canfast: error: {tmp_path}: no sweep.json or scan.json in this run directory"
+    assert err.strip() == wanted
 
 
 # ----- happy paths -----------------------------------------------------------------------------
@@ -489,7 +490,8 @@ def test_score_writes_scores_and_ranking(score_run):
     from canfast.sites import parse_neuron
 
     out, result = score_run
-    assert sorted(p.name for p in out.iterdir()) == ["neurons.json", "scores.safetensors"]
+    files = ["manifest.json", "neurons.json", "scores.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == files
     assert "Traceback" not in result.stderr
     assert f"wrote {out}/scores.safetensors" in result.stdout
     assert "rank" in result.stdout.splitlines()[0]

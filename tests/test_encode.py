@@ -110,8 +110,11 @@ def test_masked_lm_targets(models):
 
 
 def test_encode_needs_targets_and_images(models):
-    with pytest.raises(ValueError, match="targets"):
-        models["llama"].encode([Sample(None, "what is it ?")])
+    # No sample with a target (an objective that needs none): the inputs alone, nothing scored.
+    batch = models["llama"].encode([Sample(None, "what is it ?")])
+    assert not batch.target_mask.any() and bool((batch.labels == IGNORE).all())
+    with pytest.raises(BadInput, match="1 of 2 samples have no target"):
+        models["llama"].encode([Sample(None, "what is it ?"), Sample(None, "a", "red")])
     with pytest.raises(BadInput, match="needs an image"):
         models["llava"].encode([Sample(None, "what is it ?", "red")])
 

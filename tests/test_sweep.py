@@ -543,6 +543,7 @@ def test_a_registered_strategy_writes_its_own_files(llava_run, tmp_path, monkeyp
     )
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
         "constant.json",
+        "manifest.json",
         "neurons.json",
         "scores.safetensors",
     ]

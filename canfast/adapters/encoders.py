@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from canfast.data import Sample
+from canfast.data import Sample, processor_image_side
 from canfast.errors import BadInput
 
 IGNORE = -100
@@ -110,7 +110,8 @@ class Encoder:
                 raise BadInput(
                     f"{self.name} needs an image for every sample (prompt {sample.prompt!r})"
                 )
-            return dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
+            image = sample.load_image(need=processor_image_side(self.processor))
+            return dict(self.processor(images=[image], text=[text], return_tensors="pt"))
         return dict(self.tokenizer([text], return_tensors="pt"))
 
     def join(self, prompt_text: str, target: str) -> str:
@@ -150,8 +151,17 @@ class Encoder:
         """Inputs, aligned labels and masks for samples that all have targets."""
         missing = [s.prompt for s in samples if s.target is None]
         if missing:
-            raise ValueError(f"encode needs targets; {len(missing)} samples have none")
+            raise BadInput(f"{len(missing)} of {len(samples)} samples have no target")
         return self._encode(samples)
+
+    def encode_inputs(self, samples: Sequence[Sample]) -> Batch:
+        """The prompts alone, no token scored: for a bare model, or an objective that needs no
+        targets (it reads the outputs)."""
+        rows = [self.process(s, self.prompt_text(s)) for s in samples]
+        inputs = self.collate(rows, side="right")
+        labels = torch.full_like(inputs["input_ids"], IGNORE)
+        valid = {"language": inputs["attention_mask"].bool()}
+        return Batch(inputs, labels, labels != IGNORE, valid)
 
     def _encode(self, samples: Sequence[Sample]) -> Batch:
         raise NotImplementedError

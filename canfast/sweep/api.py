@@ -37,26 +37,32 @@ def sweep(
     objective: Objective | None = None,
     backend: str = "auto",
     progress: bool = True,
+    criterion: str = "ratio",
 ) -> StrategyResult:
     """Sweep ``ranking`` with the strategy ``kind`` (see :class:`SweepConfig` for the options).
 
     The ``progressive`` strategy masks the cumulative top-k of ``ranking`` over ``schedule``
     until the model collapses and returns a :class:`~canfast.sweep.result.SweepResult`:
 
-    - collapse at k: ``log10(PPL_k / PPL_0) >= tau``; ``k_star`` is the smallest such k and
+    - collapse at k: ``log10(PPL_k / PPL_0) >= tau`` (``criterion="ratio"``), or a rise of
+      the mean loss by ``tau`` (``criterion="delta"``, for custom objectives); when nothing
+      collapses, the loss with every selected neuron masked is measured once and a warning says
+      whether the criterion can be reached at all; ``k_star`` is the smallest such k and
       ``k1`` the first k with ``PPL_k / PPL_0 >= onset``;
     - ``seeds`` random orderings of the same sites give the baseline (``kind="random"`` runs
       only the baseline);
     - greedy generations of the first ``generations`` samples at k = 0, k1 and k_star.
     """
-    config = SweepConfig(kind, schedule, tau, onset, seeds, metric, masks_per_pass, generations)
+    config = SweepConfig(
+        kind, schedule, tau, onset, seeds, metric, masks_per_pass, generations, (), criterion
+    )
     config.check()
     if isinstance(ranking, Scores):
         ranking.check_model(model)
     ks = config.ks(sum(site_channels(model, ranking).values()))
     timings = Timings()
     with timings.measure("targets"):
-        samples = with_targets(model, samples, targets, max_new_tokens, batch_size)
+        samples = with_targets(model, samples, targets, max_new_tokens, batch_size, objective)
     job = SweepJob(
         model,
         samples,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from canfast.data import Sample
+from canfast.errors import warn
 from canfast.mask import masked
 from canfast.model import Model
 from canfast.objective import generate_answers
@@ -23,15 +24,23 @@ from canfast.sweep.strategy import SweepJob, register
 )
 def progressive(job: SweepJob) -> SweepResult:
     result = collapse_sweep(job, ranked=True)
-    if job.config.generations:
-        with job.timings.measure("generations"):
-            result.generations = stage_generations(
-                job.model,
-                job.samples[: job.config.generations],
-                job.order,
-                result,
-                job.max_new_tokens,
-            )
+    if job.config.generations and job.model.task == "base":
+        warn(f"{job.model.name} cannot generate (a base model): no generations")
+        result.info["generations"] = "skipped: the model cannot generate"
+    elif job.config.generations:
+        # The sweep is done: nothing here may lose it. A failure is recorded and said.
+        try:
+            with job.timings.measure("generations"):
+                result.generations = stage_generations(
+                    job.model,
+                    job.samples[: job.config.generations],
+                    job.order,
+                    result,
+                    job.max_new_tokens,
+                )
+        except Exception as exc:  # noqa: BLE001
+            result.info["generations"] = f"failed: {type(exc).__name__}: {exc}"
+            warn(f"generations failed ({type(exc).__name__}: {exc}); the sweep is kept")
     return result
 
 

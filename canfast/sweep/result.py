@@ -65,6 +65,7 @@ class SweepResult:
     timings: dict[str, float] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     generations: list[dict] = field(default_factory=list)
+    criterion: str = "ratio"
 
     @property
     def k_star(self) -> int | None:
@@ -97,9 +98,11 @@ class SweepResult:
             "kind": self.kind,
             "criterion": {
                 "metric": self.metric,
+                "kind": self.criterion,
                 "tau": self.tau,
                 "collapse": COLLAPSE_RULE,
                 "onset_ratio": self.onset,
+                **self._delta(),
             },
             "n_neurons": self.n_neurons,
             "ppl0": self.ppl0,
@@ -112,6 +115,13 @@ class SweepResult:
             "timings": self.timings,
             **self.info,
         }
+
+    def _delta(self) -> dict:
+        if self.criterion != "delta":
+            return {}
+        # tau is kept as the log10 ratio the report draws; the rise asked for is tau * ln 10.
+        rise = self.tau * math.log(10)
+        return {"delta": rise, "collapse": "mean_loss_k - mean_loss_0 >= delta"}
 
     @classmethod
     def load(cls, run_dir: str | Path) -> SweepResult:
@@ -152,6 +162,7 @@ class SweepResult:
             random=[curve(c) for c in data.get("random", {}).get("seeds", [])],
             timings=data.get("timings", {}),
             info={k: v for k, v in data.items() if k not in known},
+            criterion=data["criterion"].get("kind", "ratio"),
         )
 
     def as_dict(self) -> dict:

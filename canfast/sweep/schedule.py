@@ -28,7 +28,8 @@ def parse_schedule(text: str, n_neurons: int) -> list[int]:
                 bounds = [int(x) for x in part.split(":")]
                 start, stop = bounds[0], bounds[1]
                 step = bounds[2] if len(bounds) > 2 else 1
-                ks.extend(range(start, stop + 1, step))
+                # Bounded by the neuron count before it is built: 1:10**12 costs nothing.
+                ks.extend(range(max(start, 1), min(stop, n_neurons) + 1, step))
             elif part:
                 ks.append(int(part))
     except ValueError:

@@ -12,6 +12,7 @@ Add a strategy with one module that decorates its function with :func:`register`
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from canfast.sweep.evaluator import METRICS, Evaluator
 from canfast.sweep.schedule import default_schedule, parse_schedule
 from canfast.timing import Timings
 
+CRITERIA = ("ratio", "delta")
+
 
 @dataclass
 class SweepConfig:
@@ -35,7 +38,10 @@ class SweepConfig:
     - ``kind``: the registered strategy (``progressive``, ``random``, ...).
     - ``schedule``: the k grid, as k values or as ``--schedule`` text (``"1,2,4"``, ``"1:64"``);
       None for every k up to 16, then steps of 1.25x.
-    - ``tau``: collapse when ``log10(PPL_k / PPL_0) >= tau``; ``onset``: degradation when
+    - ``criterion``: ``ratio``, collapse when ``log10(PPL_k / PPL_0) >= tau`` (for the NLL);
+      ``delta``, when the mean loss rose by ``tau`` (for losses that are not an NLL, whose
+      exponential is no perplexity).
+    - ``tau``: the collapse threshold of ``criterion``; ``onset``: degradation when
       ``PPL_k / PPL_0 >= onset``.
     - ``seeds``: random orderings for the baseline; ``metric``: ``ppl`` or ``gen-ppl``.
     - ``masks_per_pass``: neuron sets evaluated in one forward pass.
@@ -58,6 +64,7 @@ class SweepConfig:
     calibrate: int | None = None
     screen: str = "estimate"
     max_batch_tokens: int = 1 << 16
+    criterion: str = "ratio"
 
     def check(self) -> Strategy:
         """Refuse bad options before any work; return the strategy of ``kind``."""
@@ -68,12 +75,21 @@ class SweepConfig:
             raise BadInput(f"unknown metric {self.metric!r}; choose {', '.join(METRICS)}")
         if self.tau <= 0:
             raise BadInput(f"tau must be positive, got {self.tau}")
+        if self.criterion not in CRITERIA:
+            raise BadInput(f"unknown criterion {self.criterion!r}; choose {', '.join(CRITERIA)}")
+        if self.seeds < 0:
+            raise BadInput(f"--seeds must be 0 or more, got {self.seeds}")
         for grouping in self.by:
             if grouping not in GROUPINGS:
                 raise BadInput(f"unknown --by {grouping!r}; choose {', '.join(GROUPINGS)}")
         if self.by and not chosen.groups:
             raise BadInput(f"--by is not available for --sweep-kind {self.kind}")
         return chosen
+
+    def log10_tau(self) -> float:
+        """The collapse threshold as a log10 PPL ratio: ``tau`` itself for ``ratio``; for
+        ``delta`` (a rise of the mean loss by ``tau``), ``tau / ln 10``."""
+        return self.tau if self.criterion == "ratio" else self.tau / math.log(10)
 
     def ks(self, n_neurons: int) -> list[int]:
         """The k grid for ``n_neurons`` selected neurons, each k in 1..n_neurons."""
