@@ -11,6 +11,7 @@ from canfast.data import Sample, load_data  # noqa: E402
 from canfast.errors import BadInput  # noqa: E402
 from canfast.mask import masked  # noqa: E402
 from canfast.model import Batch, Model, load  # noqa: E402
+from canfast.neuron_scan import Scan, scan  # noqa: E402
 from canfast.objective import evaluate, generate_answers  # noqa: E402
 from canfast.pipeline import (  # noqa: E402
     DataConfig,
@@ -31,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "NeuronSet",
     "Sample",
+    "Scan",
     "ScoreConfig",
     "Scores",
     "Site",
@@ -44,6 +46,7 @@ __all__ = [
     "load_data",
     "masked",
     "run",
+    "scan",
     "score",
     "sweep",
 ]

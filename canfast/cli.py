@@ -242,6 +242,32 @@ SWEEP = OptionGroup(
         type=click.Choice(GROUPINGS),
         help="Also sweep each component, kind or data category on its own. Repeatable.",
     ),
+    option(
+        "--verify-top",
+        type=click.IntRange(min=1),
+        default=None,
+        help="single: ablate exactly only the top N by the screen, plus a calibration sample.",
+    ),
+    option(
+        "--calibrate",
+        type=click.IntRange(min=0),
+        default=None,
+        help="single: random neurons also ablated exactly (default 2%, at least 64).",
+    ),
+    option(
+        "--screen",
+        type=click.Choice(["estimate", "can", "both"]),
+        default="estimate",
+        show_default=True,
+        help="single: rank for --verify-top by |first-order estimate|, CAN, or both in turn.",
+    ),
+    option(
+        "--max-batch-tokens",
+        type=click.IntRange(min=1),
+        default=1 << 16,
+        show_default=True,
+        help="single: tokens per ablation block (blocks halve on out-of-memory).",
+    ),
 )
 OUTPUT = OptionGroup(
     dict,

@@ -21,6 +21,7 @@ from canfast.adapters.encoders import IGNORE, Batch
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
 from canfast.model import Model
+from canfast.target_logits import model_inputs, target_losses, target_only
 
 Objective = Callable[[object, Batch], Tensor]
 TARGETS = ("self", "given")
@@ -83,10 +84,14 @@ def evaluate(
     for chunk in batches(samples, batch_size):
         batch = model.encode(chunk).to(model.device)
         stacked = batch.repeat(masks)
-        outputs = model.forward(stacked)
         if objective is None:
-            total, count = token_nll(outputs.logits, stacked.labels)
+            # The vocabulary projection runs at target positions only.
+            with target_only(model, stacked.labels) as head:
+                outputs = model.hf(**model_inputs(model, stacked), use_cache=False)
+            total = target_losses(outputs.logits, stacked.labels, head.compact)
+            count = (stacked.labels != IGNORE).sum(dim=1)
         else:
+            outputs = model.forward(stacked)
             total = torch.cat(
                 [
                     objective(block_outputs(outputs, i, masks, batch.size), batch).float()

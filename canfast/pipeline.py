@@ -301,8 +301,8 @@ def write_report(run_dir: str | Path, required: bool = True) -> Path | None:
     """Write ``report.html`` for ``run_dir``. Without the report's plotting dependencies this
     is bad input when ``required``, and skipped otherwise."""
     run_dir = Path(run_dir)
-    if required and not (run_dir / "sweep.json").is_file():
-        raise BadInput(f"{run_dir}: no sweep.json in this run directory")
+    if required and not any((run_dir / f).is_file() for f in ("sweep.json", "scan.json")):
+        raise BadInput(f"{run_dir}: no sweep.json or scan.json in this run directory")
     try:
         from canfast.report import write_report as draw
     except ImportError:

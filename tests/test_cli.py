@@ -418,7 +418,8 @@ def test_bad_input_in_process(capsys, tmp_path, monkeypatch, case):
 def test_report_needs_a_sweep(capsys, tmp_path):
     code, _, err = in_process(capsys, "report", tmp_path)
     assert code == 2
-    assert err.strip() == f"canfast: error: {tmp_path}: no sweep.json in this run directory"
+    wanted = f"canfast: error: {tmp_path}: no sweep.json or scan.json in this run directory"
+    assert err.strip() == wanted
 
 
 # ----- happy paths -----------------------------------------------------------------------------

@@ -72,11 +72,13 @@ def ablate_expand(
     if mid is None:
         expanded[torch.arange(n, device=y.device), :, neurons] = 0
         return expanded
-    # [n, R, 1] * [n, 1, N]: each copy's rank-1 term, in float32.
+    # [n, R, 1] * [n, 1, N]: each copy's rank-1 term, in float32 (float64 stays float64: the
+    # scan's precision checks run in it).
+    acc = torch.promote_types(y.dtype, torch.float32)
     contribution = (
-        mid[:, neurons].float().t().unsqueeze(-1) * weight[:, neurons].float().t()[:, None, :]
+        mid[:, neurons].to(acc).t().unsqueeze(-1) * weight[:, neurons].to(acc).t()[:, None, :]
     )
-    return (expanded.float() - contribution).to(y.dtype)
+    return (expanded.to(acc) - contribution).to(y.dtype)
 
 
 register(

@@ -50,6 +50,10 @@ def write_report(run_dir: str | Path) -> Path:
     Needs ``sweep.json``; ``scores.safetensors``, ``neurons.json`` and ``generations.jsonl``
     add their sections when present. Raises ``BadInput`` when the directory is not a run.
     """
+    if not (Path(run_dir) / "sweep.json").is_file() and (Path(run_dir) / "scan.json").is_file():
+        from canfast.report.scan import write_scan_report
+
+        return write_scan_report(run_dir)
     run = load_run(run_dir)
     out = _Figures(run.path)
     body = [html.header(run, verdict(run.sweep))]

@@ -1,7 +1,7 @@
 """Sweeps: the collapse curve of a ranking, its stages, and the random baseline, run by
 strategies registered by name (one module each)."""
 
-from canfast.sweep import progressive, random  # noqa: F401  (registers the strategies)
+from canfast.sweep import progressive, random, single  # noqa: F401  (registers the strategies)
 from canfast.sweep.api import sweep
 from canfast.sweep.evaluator import METRICS, Evaluator
 from canfast.sweep.groups import GROUPINGS, sweep_by

@@ -47,6 +47,8 @@ class SweepConfig:
     - ``masks_per_pass``: neuron sets evaluated in one forward pass.
     - ``generations``: samples answered at k = 0, k1 and k*.
     - ``by``: groupings (component, kind, category) swept on their own as well.
+    - ``verify_top``, ``calibrate``, ``screen``, ``max_batch_tokens``: the ``single`` scan's
+      screening and block budget (see :func:`canfast.neuron_scan.scan`).
     """
 
     kind: str = "progressive"
@@ -58,6 +60,10 @@ class SweepConfig:
     masks_per_pass: int = 4
     generations: int = 4
     by: Sequence[str] = ()
+    verify_top: int | None = None
+    calibrate: int | None = None
+    screen: str = "estimate"
+    max_batch_tokens: int = 1 << 16
     criterion: str = "ratio"
 
     def check(self) -> Strategy:

@@ -1,0 +1,161 @@
+"""Exact single-neuron ablation with prefix reuse, in blocks of neurons.
+
+For each site and data batch, one record pass keeps what precedes the site
+(:mod:`canfast.prefix`); then blocks of ``n`` neurons are ablated at once: the site's recorded
+output is expanded ``n`` times with one neuron removed per copy (``ops.ablate_expand``), and only
+what follows the site runs, on the batch tiled ``n`` times, with target-only logits. The block
+size follows a token budget; an out-of-memory error halves it and the scan goes on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from canfast import ops, prefix
+from canfast.model import Batch, Model
+from canfast.objective import Objective
+from canfast.sites import Site
+from canfast.target_logits import model_inputs, target_losses, target_only
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text
+    )
+
+
+def down_weight(site: Site) -> Tensor:
+    """The site's weight in ``nn.Linear`` layout ``[out, in]``."""
+    weight = site.module.weight
+    return weight.t() if site.transposed else weight
+
+
+class Ablator:
+    """Per-sample losses of the model with single neurons removed, over fixed data batches.
+
+    ``losses(outputs, batch) -> [rows]`` gives per-row loss sums: the target NLL summed over
+    tokens for the default objective, or the objective's per-sample loss.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        batches: Sequence[Batch],
+        objective: Objective | None = None,
+        backend: str = "auto",
+        max_batch_tokens: int = 1 << 16,
+        progress: bool = True,
+    ) -> None:
+        self.model = model
+        self.batches = list(batches)
+        self.objective = objective
+        self.backend = backend
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
+        self.progress = progress
+        self.block_limit: int | None = None  # lowered for good after an out-of-memory error
+        self.halvings = 0
+        self.ablations = 0
+        self._timeline: prefix.Timeline | None = None
+
+    # ----- losses -------------------------------------------------------------------------
+
+    def _forward_losses(self, batch: Batch) -> Tensor:
+        """Per-row losses of one forward of ``batch`` as the model stands (hooks included)."""
+        custom = self.objective is not None
+        with target_only(self.model, batch.labels, enabled=not custom) as head:
+            outputs = self.model.hf(**model_inputs(self.model, batch), use_cache=False)
+        if custom:
+            return self.objective(outputs, batch).double()
+        return target_losses(outputs.logits, batch.labels, head.compact).double()
+
+    def timeline(self) -> prefix.Timeline:
+        if self._timeline is None:
+            with torch.no_grad(), prefix.timeline(self.model.hf) as recorded:
+                self._forward_losses(self.batches[0])
+            self._timeline = recorded
+        return self._timeline
+
+    # ----- blocks -------------------------------------------------------------------------
+
+    def block_size(self, batch: Batch) -> int:
+        tokens = max(1, batch.labels.numel())
+        size = max(1, self.max_batch_tokens // tokens)
+        return min(size, self.block_limit) if self.block_limit else size
+
+    def ablate_block(
+        self,
+        batch: Batch,
+        site: Site,
+        cut: list[prefix.Call],
+        record: prefix.Record,
+        neurons: Tensor,
+    ) -> Tensor:
+        """Summed loss over the batch for each neuron of ``neurons`` removed alone: ``[n]``."""
+        n = neurons.shape[0]
+        y = record.site_output
+        if site.unit == "out":
+            copies = ops.ablate_expand(y, neurons, backend=self.backend)
+        else:
+            weight = down_weight(site)
+            copies = ops.ablate_expand(y, neurons, record.site_input, weight, backend=self.backend)
+        variants = copies.reshape(n * y.shape[0], *y.shape[1:])
+        tiled = batch.repeat(n)
+        with prefix.replaying(cut, record, variants, n):
+            losses = self._forward_losses(tiled)
+        return losses.reshape(n, -1).sum(dim=1)
+
+    @torch.no_grad()
+    def site_totals(self, site: Site, neurons: Tensor, bar: tqdm | None = None) -> Tensor:
+        """Per neuron of ``neurons``: summed loss with it removed minus without, over every
+        batch (float64, on the CPU)."""
+        recorded = self.timeline()
+        cut = recorded.cut(site.module)
+        site_call = recorded.call(site.module)
+        device = self.model.device
+        neurons = neurons.to(device=device, dtype=torch.long)
+        totals = torch.zeros(neurons.shape[0], dtype=torch.float64)
+        for batch in self.batches:
+            with prefix.recording(cut, site_call) as record:
+                base = self._forward_losses(batch)
+            if record.site_output is None:
+                raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")
+            base_sum = float(base.sum())
+            start = 0
+            while start < neurons.shape[0]:
+                size = self.block_size(batch)
+                block = neurons[start : start + size]
+                try:
+                    masked = run_block(self, batch, site, cut, record, block)
+                except (RuntimeError, torch.OutOfMemoryError) as exc:
+                    if not is_out_of_memory(exc) or block.shape[0] == 1:
+                        raise
+                    self.block_limit = max(1, block.shape[0] // 2)
+                    self.halvings += 1
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    continue
+                totals[start : start + block.shape[0]] += masked.cpu() - base_sum
+                start += block.shape[0]
+                self.ablations += block.shape[0]
+                if bar is not None:
+                    bar.update(block.shape[0])
+        return totals
+
+
+def run_block(
+    ablator: Ablator,
+    batch: Batch,
+    site: Site,
+    cut: list[prefix.Call],
+    record: prefix.Record,
+    neurons: Tensor,
+) -> Tensor:
+    """One block of ablations (a module-level seam, so that tests can inject failures)."""
+    return ablator.ablate_block(batch, site, cut, record, neurons)

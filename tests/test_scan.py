@@ -1,0 +1,452 @@
+"""Exhaustive single-neuron scans against the naive loop: one hook zeroes one neuron, one full
+forward each, in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import canfast
+from canfast import ablation, prefix
+from canfast.data import batches
+from canfast.errors import BadInput
+from canfast.model import IGNORE
+from canfast.neuron_scan import Scan, estimated_recall, scan, spearman
+from tests import tiny_models
+
+UNITS = ("out", "mid")
+
+
+def _samples(family: str, n: int = 3):
+    return tiny_models.samples(family, n)
+
+
+def _zero_hook(site, channel):
+    """A hook that zeroes one neuron: the site's output channel, or its input channel (mid)."""
+    if site.unit == "out":
+
+        def hook(module, args, output):
+            output = output.clone()
+            output[..., channel] = 0
+            return output
+
+        return site.module.register_forward_hook(hook)
+
+    def pre(module, args):
+        x = args[0].clone()
+        x[..., channel] = 0
+        return (x, *args[1:])
+
+    return site.module.register_forward_pre_hook(pre)
+
+
+def _corpus(model, encoded, objective=None):
+    """Summed loss over the corpus and its normalizer, from full logits in float64."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for batch in encoded:
+            outputs = model.forward(batch)
+            if objective is not None:
+                total += float(objective(outputs, batch).double().sum())
+                count += batch.size
+                continue
+            logits = outputs.logits.double()
+            scored = batch.labels != IGNORE
+            total += float(
+                torch.nn.functional.cross_entropy(
+                    logits[scored], batch.labels[scored], reduction="sum"
+                )
+            )
+            count += int(scored.sum())
+    return total, count
+
+
+def naive_deltas(model, samples, site, batch_size, objective=None) -> torch.Tensor:
+    encoded = [model.encode(chunk) for chunk in batches(samples, batch_size)]
+    base, count = _corpus(model, encoded, objective)
+    out = []
+    for channel in range(site.channels):
+        handle = _zero_hook(site, channel)
+        try:
+            total, _ = _corpus(model, encoded, objective)
+        finally:
+            handle.remove()
+        out.append((total - base) / count)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+def _assert_close_relative(got: torch.Tensor, want: torch.Tensor, rtol: float = 1e-6) -> None:
+    # Scan stores float32, whose rounding (6e-8 relative) stays well inside rtol; the absolute
+    # floor covers neurons the loss does not depend on at all (delta exactly 0).
+    floor = 1e-9 * float(want.abs().max().clamp_min(1e-30))
+    err = (got.double() - want).abs()
+    assert bool((err <= rtol * want.abs() + floor).all()), (
+        f"max relative error {float((err / want.abs().clamp_min(1e-30)).max()):.3g}"
+    )
+
+
+@pytest.mark.parametrize("unit", UNITS)
+@pytest.mark.parametrize("family", tiny_models.FAMILIES)
+def test_scan_equals_naive_loop(family, unit):
+    model = tiny_models.wrap(family, dtype=torch.float64)
+    samples = _samples(family)
+    # Two batches of different sizes, and a token budget that forces several blocks per site.
+    result = scan(
+        model,
+        samples,
+        unit=unit,
+        targets="given",
+        batch_size=2,
+        max_batch_tokens=64,
+        progress=False,
+    )
+    assert result.sites == [s.name for s in model.sites(unit)]
+    for name in result.sites:
+        want = naive_deltas(model, samples, model.site(name), batch_size=2)
+        assert result[name].dtype == torch.float32
+        assert not torch.isnan(result[name]).any()
+        _assert_close_relative(result[name], want)
+
+
+def _probe_estimate(model, samples, site, batch_size):
+    """-(a * dL/da) summed over positions, from retained gradients (another route)."""
+    encoded = [model.encode(chunk) for chunk in batches(samples, batch_size)]
+    _, count = _corpus(model, encoded)
+    total = torch.zeros(site.channels, dtype=torch.float64)
+    kept = {}
+
+    def hook(module, args, output):
+        output.retain_grad()
+        kept["a"] = output
+        return output
+
+    model.hf.requires_grad_(True)
+    handle = site.module.register_forward_hook(hook)
+    try:
+        for batch in encoded:
+            logits = model.forward(batch).logits.double()
+            scored = batch.labels != IGNORE
+            loss = torch.nn.functional.cross_entropy(
+                logits[scored], batch.labels[scored], reduction="sum"
+            )
+            (loss / count).backward()
+            a = kept["a"]
+            valid = batch.valid["language"].unsqueeze(-1)
+            total += torch.where(valid, -(a * a.grad), 0.0).sum((0, 1)).detach()
+    finally:
+        handle.remove()
+        model.hf.requires_grad_(False)
+    return total
+
+
+@pytest.mark.parametrize("family", ["llama", "llava"])
+def test_estimate_is_first_order_effect(family):
+    model = tiny_models.wrap(family, dtype=torch.float64)
+    samples = _samples(family)
+    result = scan(
+        model, samples, sites="language.1.*", targets="given", batch_size=2, progress=False
+    )
+    for name in result.sites:
+        want = _probe_estimate(model, samples, model.site(name), 2)
+        torch.testing.assert_close(result.estimate[name].double(), want, rtol=1e-5, atol=1e-9)
+    # CAN is the score canfast.score gives on the same targets.
+    scores = canfast.score(model, samples, sites="language.1.*", targets="given", progress=False)
+    for name in result.sites:
+        torch.testing.assert_close(result.can[name], scores[name])
+
+
+def test_custom_objective_delta_is_mean_loss_difference():
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    samples = _samples("llama")
+
+    def first_logit(outputs, batch):
+        return outputs.logits[:, 0, :3].double().pow(2).sum(-1)
+
+    result = scan(
+        model,
+        samples,
+        sites="language.0.down",
+        targets="given",
+        batch_size=2,
+        objective=first_logit,
+        progress=False,
+    )
+    want = naive_deltas(model, samples, model.site("language.0.down"), 2, first_logit)
+    _assert_close_relative(result["language.0.down"], want)
+
+
+def test_out_of_memory_halves_the_block_and_goes_on(monkeypatch):
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    samples = _samples("llama")
+    real = ablation.run_block
+    sizes = []
+
+    def flaky(ablator, batch, site, cut, record, neurons):
+        sizes.append(int(neurons.shape[0]))
+        if neurons.shape[0] > 5:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(ablator, batch, site, cut, record, neurons)
+
+    monkeypatch.setattr(ablation, "run_block", flaky)
+    result = scan(
+        model,
+        samples,
+        sites="language.1.down",
+        targets="given",
+        batch_size=3,
+        max_batch_tokens=10**6,
+        progress=False,
+    )
+    # 16 fails, 8 fails, then blocks of 4 cover the 16 neurons.
+    assert sizes == [16, 8, 4, 4, 4, 4]
+    assert result.overview["timings"]["block_halvings"] == 2
+    want = naive_deltas(model, samples, model.site("language.1.down"), 3)
+    _assert_close_relative(result["language.1.down"], want)
+
+
+def test_other_errors_are_not_taken_for_out_of_memory(monkeypatch):
+    model = tiny_models.wrap("llama")
+
+    def broken(*args):
+        raise RuntimeError("shape mismatch")
+
+    monkeypatch.setattr(ablation, "run_block", broken)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        scan(model, _samples("llama"), sites="language.0.down", targets="given", progress=False)
+
+
+def test_language_sites_reuse_the_vision_tower_and_earlier_layers():
+    model = tiny_models.wrap("llava")
+    encoded = model.encode(_samples("llava", 2))
+    with torch.no_grad(), prefix.timeline(model.hf) as recorded:
+        model.forward(encoded)
+    cut = {c.path for c in recorded.cut(model.site("language.1.down").module)}
+    assert any(p.endswith("vision_tower") for p in cut)
+    assert any(p.endswith("multi_modal_projector") for p in cut)
+    assert any(p.endswith("layers.0") for p in cut)
+    assert any(p.endswith("layers.1.self_attn") for p in cut)
+    assert any(p.endswith("mlp.gate_proj") for p in cut) and any(
+        p.endswith("mlp.up_proj") for p in cut
+    )
+    # Nothing inside a cut module is cut again, and nothing after the site is.
+    for path in cut:
+        assert not any(other != path and other.startswith(path + ".") for other in cut)
+    assert not any("layers.1.mlp.down_proj" in p or "lm_head" in p for p in cut)
+
+
+def test_replay_refuses_rows_it_did_not_record():
+    model = tiny_models.wrap("llama")
+    site = model.site("language.1.down")
+    batch = model.encode(_samples("llama", 2))
+    with torch.no_grad(), prefix.timeline(model.hf) as recorded:
+        model.forward(batch)
+    cut = recorded.cut(site.module)
+    with torch.no_grad(), prefix.recording(cut, recorded.call(site.module)) as record:
+        model.forward(batch)
+    # The Llama MLP returns its down projection's output: the replay overrides the MLP.
+    assert record.target is model.hf.model.layers[1].mlp
+    variants = record.site_output.repeat(2, 1, 1)
+    with torch.no_grad(), prefix.replaying(cut, record, variants, 2):
+        with pytest.raises(RuntimeError, match="does not replay as recorded"):
+            model.forward(batch.repeat(3))
+
+
+# ----- screening -------------------------------------------------------------------------------
+
+
+def test_recall_estimate_is_exact_with_a_full_census():
+    delta = torch.tensor([5.0, -4.0, 3.0, 0.1, 0.2, 2.5, 0.0, -0.3], dtype=torch.float64)
+    screened = [0, 2, 3]  # misses -4.0 (index 1): the true top-3 by |delta| is {0, 1, 2}
+    rest = [1, 4, 5, 6, 7]
+    found = estimated_recall(delta, screened, rest, pool=len(rest))
+    assert found["recall"] == pytest.approx(2 / 3)
+    assert found["screened_above_threshold"] == 2 and found["calibration_above_threshold"] == 1
+
+
+def test_screening_finds_the_planted_neurons_and_says_so():
+    # Constructed: only three output channels of language.1.down are alive, so the exact top-3
+    # by |delta| is known, the estimate of every dead channel is exactly 0, and no calibration
+    # neuron can lie above the threshold.
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    site = model.site("language.1.down")
+    planted = [3, 7, 12]
+    dead = [j for j in range(site.channels) if j not in planted]
+    with torch.no_grad():
+        site.module.weight[dead] = 0.0
+    samples = _samples("llama")
+    full = scan(model, samples, sites=site.name, targets="given", progress=False)
+    screened = scan(
+        model,
+        samples,
+        sites=site.name,
+        targets="given",
+        verify_top=3,
+        calibrate=8,
+        progress=False,
+    )
+    by_size = torch.sort(full[site.name].abs(), descending=True).indices[:3].tolist()
+    assert sorted(by_size) == planted
+    delta = screened[site.name]
+    known = (~torch.isnan(delta)).nonzero().flatten().tolist()
+    assert set(planted) <= set(known) and len(known) == 3 + 8
+    torch.testing.assert_close(delta[known], full[site.name][known])
+    info = screened.overview["screening"]
+    assert info["verify_top"] == 3 and info["calibration"] == 8
+    assert info["recall"] == 1.0 and info["calibration_above_threshold"] == 0
+    # No hit in 8 draws from 13 bounds the miss rate at 3/8 (rule of three): 13 * 3/8 missed.
+    assert info["recall_lower_95"] == pytest.approx(3 / (3 + 13 * 3 / 8))
+    assert screened.overview["exact_ablations"] == 11
+
+
+def test_verify_top_larger_than_the_neurons_is_bad_input():
+    model = tiny_models.wrap("llama")
+    with pytest.raises(BadInput, match="verify-top"):
+        scan(model, _samples("llama"), sites="language.0.down", verify_top=10**6, progress=False)
+
+
+# ----- results and files -----------------------------------------------------------------------
+
+
+def test_files_round_trip_and_summary(tmp_path):
+    model = tiny_models.wrap("llava")
+    result = scan(
+        model, _samples("llava"), sites="language.*.down", targets="given", progress=False
+    )
+    result.save(tmp_path)
+    assert (tmp_path / "scan.safetensors").is_file() and (tmp_path / "scan.json").is_file()
+    loaded = Scan.load(tmp_path)
+    assert loaded.sites == result.sites
+    for name in result.sites:
+        torch.testing.assert_close(loaded[name], result[name])
+        torch.testing.assert_close(loaded.estimate[name], result.estimate[name])
+        torch.testing.assert_close(loaded.can[name], result.can[name])
+    assert loaded.meta["model_fingerprint"] == model.fingerprint()
+    loaded.check_model(model)
+    summary = loaded.overview
+    assert set(summary["spearman"]["by_component"]) == {"language"}
+    assert set(summary["spearman"]["by_kind"]) == {"down"}
+    top = result.top(5)
+    values = [result[s][c].item() for s, c in top]
+    assert values == sorted(values, reverse=True)
+    assert summary["top_neurons"][0]["neuron"] == top.ids()[0]
+    assert summary["timings"]["ablations_per_s"] > 0
+    assert summary["exact_ablations"] == summary["neurons"] == 2 * tiny_models.HIDDEN
+
+
+def test_scan_from_another_model_is_refused(tmp_path):
+    result = scan(
+        tiny_models.wrap("llama"),
+        _samples("llama"),
+        sites="language.0.down",
+        targets="given",
+        progress=False,
+    )
+    result.save(tmp_path)
+    other = tiny_models.wrap("llama", seed=1)
+    with pytest.raises(BadInput, match="another model"):
+        Scan.load(tmp_path).check_model(other)
+
+
+def test_load_refuses_a_directory_without_a_scan(tmp_path):
+    with pytest.raises(BadInput, match="holds no scan"):
+        Scan.load(tmp_path)
+
+
+def test_spearman_handles_ties_and_nan():
+    x = torch.tensor([1.0, 2.0, 2.0, 3.0, math.nan])
+    assert spearman(x, x * 10) == pytest.approx(1.0)
+    assert spearman(x, -x) == pytest.approx(-1.0)
+    assert spearman(torch.ones(4), torch.arange(4.0)) is None
+
+
+# ----- the command line ------------------------------------------------------------------------
+
+
+def _cli(*args, cwd):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "canfast.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_cli_single_writes_the_scan_and_its_report(tmp_path):
+    run = tmp_path / "run"
+    done = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--sites",
+        "language.2.down",
+        "--limit",
+        "4",
+        "--targets",
+        "given",
+        "--out",
+        run,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Spearman vs exact delta" in done.stdout
+    for name in ("scan.safetensors", "scan.json", "report.html", "scores.safetensors"):
+        assert (run / name).is_file(), name
+    assert not (run / "sweep.json").exists()
+    page = (run / "report.html").read_text()
+    assert "Single-neuron scan" in page and "scan_can.png" in page
+    loaded = Scan.load(run)
+    assert loaded.sites == ["language.2.down"] and not torch.isnan(loaded["language.2.down"]).any()
+    # The report command redraws it.
+    again = _cli("report", run, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+
+    # Bad input: a scan's scores from another model, and more neurons to verify than exist.
+    other = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--model",
+        "builtin:tiny-instructblip",
+        "--scores",
+        run,
+        "--limit",
+        "2",
+        "--targets",
+        "given",
+        "--out",
+        tmp_path / "o",
+        cwd=tmp_path,
+    )
+    assert other.returncode == 2 and "another model" in other.stderr
+    assert len(other.stderr.strip().splitlines()) == 1
+    too_many = _cli(
+        "sweep",
+        "--sweep-kind",
+        "single",
+        "--sites",
+        "language.2.down",
+        "--limit",
+        "2",
+        "--targets",
+        "given",
+        "--verify-top",
+        "100000",
+        "--out",
+        tmp_path / "t",
+        cwd=tmp_path,
+    )
+    assert too_many.returncode == 2 and "--verify-top 100000" in too_many.stderr
+    assert not (tmp_path / "t" / "scan.json").exists()
