@@ -54,7 +54,15 @@ def sweep(
     - greedy generations of the first ``generations`` samples at k = 0, k1 and k_star.
     """
     config = SweepConfig(
-        kind, schedule, tau, onset, seeds, metric, masks_per_pass, generations, (), criterion
+        kind=kind,
+        schedule=schedule,
+        tau=tau,
+        onset=onset,
+        seeds=seeds,
+        metric=metric,
+        masks_per_pass=masks_per_pass,
+        generations=generations,
+        criterion=criterion,
     )
     config.check()
     if isinstance(ranking, Scores):
