@@ -91,3 +91,37 @@ def dot_dtype(dtype: torch.dtype) -> tl.dtype:
     if INTERPRET and dtype == torch.bfloat16:
         return tl.float32
     return _TL_DTYPES[dtype]
+
+
+def _shared_memory_limit(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    # The opt-in maximum per program; older torch builds name only the default 48 KB one.
+    return getattr(props, "shared_memory_per_block_optin", 0) or props.shared_memory_per_block
+
+
+def matmul_shared_bytes(config: triton.Config, element_bytes: int) -> int:
+    """Shared memory a pipelined matmul config needs: one x and one w tile per stage.
+
+    Triton's software pipeline keeps ``num_stages - 1`` tiles in flight on sm_80 and
+    ``num_stages`` on sm_90; counting ``num_stages`` bounds both (checked against the compiled
+    kernels in tests/test_kernels_aot.py).
+    """
+    kw = config.kwargs
+    tile = (kw["BLOCK_M"] * kw["BLOCK_K"] + kw["BLOCK_K"] * kw["BLOCK_N"]) * element_bytes
+    return config.num_stages * tile
+
+
+def prune_by_shared_memory(configs: list[triton.Config], named_args: dict, **kwargs) -> list:
+    """Autotune pruning: drop the matmul configs whose pipeline does not fit in shared memory.
+
+    A float32 input needs twice the shared memory of a bfloat16 one for the same tiles, and
+    GPUs differ (227 KB per program on H100, 163 KB on A100, 99 KB on consumer Ampere), so the
+    config list is cut per call. The smallest config is kept if none fits.
+    """
+    x = named_args["x_ptr"]
+    if x.device.type != "cuda":
+        return configs
+    limit = _shared_memory_limit(x.device)
+    need = {c: matmul_shared_bytes(c, x.element_size()) for c in configs}
+    fitting = [c for c in configs if need[c] <= limit]
+    return fitting or [min(configs, key=need.__getitem__)]

@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._aot import AotSpec, Variant
 from ._common import (
     MAX_GRID_AXIS,
     check_dtypes,
@@ -29,19 +30,24 @@ from ._common import (
 _PROGRAMS_PER_MULTIPROCESSOR = 4
 
 
+# The autotune candidates on CUDA, checked ahead of time on sm_80 and sm_90 in every dtype and
+# launcher variant (canfast.kernels.report).
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w)
+    for bp, bn, w in [
+        (8, 256, 4),
+        (16, 128, 4),
+        (16, 256, 4),
+        (32, 128, 4),
+        (32, 256, 8),
+        (64, 64, 4),
+    ]
+]
+
+
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w)
-            for bp, bn, w in [
-                (8, 256, 4),
-                (16, 128, 4),
-                (16, 256, 4),
-                (32, 128, 4),
-                (32, 256, 8),
-                (64, 64, 4),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_P": 8, "BLOCK_N": 32}),
     ),
     key=["N", "p_bucket", "UNIT_MID"],
@@ -103,6 +109,41 @@ def _ablate_expand_kernel(
             copy = tl.where(cols[None, :] == j, 0.0, tile)
         tl.store(out_copy, copy.to(out_ptr.dtype.element_ty), mask=ok)
         out_copy += stride_oi
+
+
+AOT = AotSpec(
+    kernel=_ablate_expand_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        y_ptr="*T",
+        neurons_ptr="*i64",
+        mid_ptr="*T",
+        w_ptr="*T",
+        out_ptr="*T",
+        P="i32",
+        N="i32:16",
+        K="i32:16",
+        n_copies="i32",
+        p_bucket="i32:16",
+        stride_yp="i32:16",
+        stride_yn="1",
+        stride_mp="i32:16",
+        stride_mk="1",
+        stride_wn="i32:16",
+        stride_wk="1",
+        stride_oi="i32:16",
+        stride_op="i32:16",
+        stride_on="1",
+    ),
+    variants=[
+        Variant(
+            "unit=out",
+            dict(UNIT_MID=False),
+            dict(mid_ptr="none", w_ptr="none", stride_mk="i32:16", stride_wk="i32:16"),
+        ),
+        Variant("unit=mid", dict(UNIT_MID=True)),
+    ],
+)
 
 
 def ablate_expand(

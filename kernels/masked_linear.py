@@ -25,8 +25,38 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from canfast.ops.sink import ScoreSink, needs_graph
 
-from ._common import check_dtypes, check_tensors, configs, dot_dtype, dot_precision, size_bucket
+from ._aot import AotSpec, Variant
+from ._common import (
+    check_dtypes,
+    check_tensors,
+    configs,
+    dot_dtype,
+    dot_precision,
+    matmul_shared_bytes,
+    prune_by_shared_memory,
+    size_bucket,
+)
 from .score_accumulate import score_accumulate
+
+# The autotune candidates on CUDA. Each is checked ahead of time on sm_80 and sm_90 in every
+# dtype and launcher variant (canfast.kernels.report): none spills registers.
+CUDA_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_stages=stages,
+        num_warps=warps,
+    )
+    for bm, bn, bk, stages, warps in [
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 8),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 5, 4),
+    ]
+]
 
 # How a mask is laid out, selected at compile time.
 _NO_MASK = 0
@@ -36,27 +66,11 @@ _BATCHED_MASK = 2  # [M, C]: one per block of rows
 
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                num_stages=stages,
-                num_warps=warps,
-            )
-            for bm, bn, bk, stages, warps in [
-                (128, 256, 64, 3, 8),
-                (256, 128, 64, 3, 8),
-                (128, 128, 64, 4, 8),
-                (128, 128, 32, 4, 4),
-                (64, 256, 32, 4, 4),
-                (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4),
-                (64, 64, 32, 5, 2),
-                (32, 64, 32, 5, 2),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
     ),
     key=["N", "K", "m_bucket"],
+    prune_configs_by={"early_config_prune": prune_by_shared_memory},
     # Benchmarking runs the kernel several times; each run must start from the caller's sums.
     restore_value=["stats_ptr"],
 )
@@ -153,6 +167,93 @@ def _masked_linear_kernel(
         tl.atomic_add(stats_ptr + cols * stride_s, col_sums, mask=col_ok)
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _aot_variants() -> list[Variant]:
+    """Every constexpr combination the two launchers produce, for canfast.kernels.report."""
+    variants = []
+    absent = {_NO_MASK: "none"}
+    for bias in (False, True):
+        for in_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
+            for out_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
+                for stats in (False, True):
+                    name = f"fwd{' bias' * bias} in={in_mask} out={out_mask}{' stats' * stats}"
+                    constexprs = dict(
+                        HAS_BIAS=bias, IN_MASK=in_mask, OUT_MASK=out_mask, HAS_STATS=stats
+                    )
+                    args = {"in_mask_ptr": absent.get(in_mask, "*T")}
+                    args["out_mask_ptr"] = absent.get(out_mask, "*T")
+                    args["bias_ptr"] = "*T" if bias else "none"
+                    variants.append(Variant(name, constexprs, args))
+    # masked_linear_backward: the weight transposed (its n stride is the unit one), no bias and
+    # no stats, the masks exchanged.
+    for in_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
+        for out_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
+            constexprs = dict(HAS_BIAS=False, IN_MASK=in_mask, OUT_MASK=out_mask, HAS_STATS=False)
+            args = {
+                "in_mask_ptr": absent.get(in_mask, "*T"),
+                "out_mask_ptr": absent.get(out_mask, "*T"),
+                "bias_ptr": "none",
+                "stride_wn": "1",
+                "stride_wk": "i32:16",
+            }
+            variants.append(Variant(f"bwd in={in_mask} out={out_mask}", constexprs, args))
+    return variants
+
+
+def _aot_dtype_constexprs(dtype: str) -> list[tuple[str, dict]]:
+    if dtype == "fp32":
+        # torch.backends.cuda.matmul.allow_tf32 picks between the two (see dot_precision).
+        return [
+            ("fp32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}),
+            ("fp32-tf32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "tf32"}),
+        ]
+    return [
+        (
+            dtype,
+            {
+                "DOT_DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
+                "DOT_PRECISION": "tf32",
+            },
+        )
+    ]
+
+
+AOT = AotSpec(
+    kernel=_masked_linear_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        x_ptr="*T",
+        w_ptr="*T",
+        bias_ptr="*T",
+        in_mask_ptr="*T",
+        out_mask_ptr="*T",
+        stats_ptr="*fp32",
+        y_ptr="*T",
+        M="i32",
+        N="i32:16",
+        K="i32:16",
+        m_bucket="i32:16",
+        rows_per_in_mask="i32",
+        rows_per_out_mask="i32",
+        stride_xm="i32:16",
+        stride_xk="1",
+        stride_wn="i32:16",
+        stride_wk="1",
+        stride_b="1",
+        stride_im="i32:16",
+        stride_ik="1",
+        stride_om="i32:16",
+        stride_on="1",
+        stride_s="1",
+        stride_ym="i32:16",
+        stride_yn="1",
+    ),
+    variants=_aot_variants(),
+    dtype_constexprs=_aot_dtype_constexprs,
+    tensor_core=("bf16", "fp16", "fp32-tf32"),
+    shared_bytes=matmul_shared_bytes,
+)
 
 
 def _mask_layout(

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ._aot import AotSpec, Variant
 from ._common import check_dtypes, check_tensors, configs, size_bucket
 
 # Exponents with a cheaper form than exp2(alpha * log2(|g|)); selected at compile time.
@@ -26,19 +27,24 @@ def _alpha_mode(alpha: float) -> int:
     return {0.0: _ALPHA_ZERO, 0.5: _ALPHA_HALF, 1.0: _ALPHA_ONE}.get(alpha, _ALPHA_ANY)
 
 
+# The autotune candidates on CUDA, checked ahead of time on sm_80 and sm_90 in every dtype and
+# launcher variant (canfast.kernels.report).
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+    for bt, bc, w in [
+        (16, 128, 4),
+        (32, 128, 4),
+        (16, 256, 4),
+        (32, 256, 8),
+        (64, 64, 4),
+        (8, 512, 4),
+    ]
+]
+
+
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
-            for bt, bc, w in [
-                (16, 128, 4),
-                (32, 128, 4),
-                (16, 256, 4),
-                (32, 256, 8),
-                (64, 64, 4),
-                (8, 512, 4),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}),
     ),
     key=["C", "t_bucket"],
@@ -114,6 +120,42 @@ def _score_accumulate_kernel(
     tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_a, axis=0), mask=col_ok)
     out += stride_os
     tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_g, axis=0), mask=col_ok)
+
+
+AOT = AotSpec(
+    kernel=_score_accumulate_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        a_ptr="*T",
+        g_ptr="*T",
+        valid_ptr="*u8",
+        out_ptr="*fp32",
+        T="i32",
+        C="i32:16",
+        t_bucket="i32:16",
+        alpha="fp32",
+        stride_ab="i32:16",
+        stride_at="i32:16",
+        stride_ac="1",
+        stride_gb="i32:16",
+        stride_gt="i32:16",
+        stride_gc="1",
+        stride_vb="i32",
+        stride_vt="1",
+        stride_ob="i32:16",
+        stride_os="i32:16",
+        stride_oc="1",
+    ),
+    variants=[
+        Variant(
+            f"{'valid ' * valid}alpha={mode}",
+            dict(HAS_VALID=valid, ALPHA_MODE=mode),
+            {} if valid else {"valid_ptr": "none", "stride_vb": "i32:16", "stride_vt": "i32:16"},
+        )
+        for valid in (False, True)
+        for mode in (_ALPHA_ZERO, _ALPHA_HALF, _ALPHA_ONE, _ALPHA_ANY)
+    ],
+)
 
 
 def score_accumulate(
