@@ -15,13 +15,16 @@ over a few heavy variants, for the configs on main before and after.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import triton
+from canfast.kernels import _resources as resources_module
 from canfast.kernels import report
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -67,6 +70,40 @@ BEFORE_AFTER_VARIANTS = {
     "canfast.kernels.score_accumulate": ("valid alpha=3", "valid alpha=1"),
 }
 BEFORE_AFTER_DTYPES = ("bf16", "fp32")
+
+
+RESOURCES = Path(__file__).resolve().parent.parent / "kernels" / "_resources.py"
+
+
+def resource_table(rows: list[report.Row]) -> str:
+    """The source of kernels/_resources.py: per kernel, (arch, dtype, config) -> (the most shared
+    memory any compiled variant needs, whether any of them spills)."""
+    from canfast.kernels._resources import RESOURCES
+
+    # The kernels compiled in this run replace their entries; the others are kept.
+    table = {k: v for k, v in RESOURCES.items() if k not in {row.kernel for row in rows}}
+    for row in rows:
+        key = (row.arch, row.dtype, row.config)
+        shared, spilled = table.setdefault(row.kernel, {}).get(key, (0, False))
+        table[row.kernel][key] = (
+            max(shared, row.shared),
+            spilled or bool(row.spill_stores or row.spill_loads),
+        )
+    lines = [
+        '"""Compiled resources of the autotune configs, per kernel: (arch, dtype, config) ->',
+        "(shared memory in bytes, whether any compiled variant spills). Written by ``python",
+        "bench/aot.py --subset heavy --resources`` from the ahead-of-time report",
+        '(canfast.kernels.report); the autotuners prune by it (_common.keeps). Do not edit."""',
+        "",
+        "RESOURCES: dict[str, dict[tuple[str, str, str], tuple[int, bool]]] = {",
+    ]
+    for kernel in sorted(table):
+        lines.append(f"    {kernel!r}: {{")
+        for key in sorted(table[kernel]):
+            lines.append(f"        {key!r}: {table[kernel][key]!r},")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -123,6 +160,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--before", action="store_true", help="also write the before/after table")
+    parser.add_argument(
+        "--resources",
+        action="store_true",
+        help="rewrite kernels/_resources.py, the table the autotuners prune by, from these rows",
+    )
     args = parser.parse_args(argv)
     wanted = {k for k in args.kernels.split(",") if k}
     modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
@@ -141,14 +183,42 @@ def main(argv: list[str] | None = None) -> int:
         "cpus": os.cpu_count(),
         "note": "compile times on a shared 2-core machine",
     }
-    write_atomic(RESULTS / "aot.json", json.dumps({**meta, "rows": report.as_json(rows)}, indent=1))
-    bad = [r for r in rows if r.problems]
-    header = (
-        f"# Ahead-of-time compile report ({args.subset} subset, Triton {triton.__version__})\n\n"
-        f"{len(rows)} compiles of {', '.join(meta['kernels'])} for sm_80 and sm_90 in "
-        f"{elapsed:.0f} s on {os.cpu_count()} shared cores; {len(bad)} rows with problems.\n\n"
+    if args.resources:
+        write_atomic(RESOURCES, resource_table(rows))
+        importlib.reload(resources_module)
+    # Rows of the kernels not compiled in this run are kept from the last one.
+    kept = []
+    if (RESULTS / "aot.json").exists():
+        previous = json.loads((RESULTS / "aot.json").read_text())
+        kept = [r for r in previous["rows"] if r["kernel"] not in meta["kernels"]]
+        meta["runs"] = [
+            *previous.get("runs", [{k: previous[k] for k in ("subset", "kernels", "wall_s")}]),
+        ]
+    meta.setdefault("runs", []).append({k: meta[k] for k in ("subset", "kernels", "wall_s")})
+    all_rows = kept + report.as_json(rows)
+    names = [f.name for f in fields(report.Row)]
+    table_rows = [report.Row(**{n: r[n] for n in names}) for r in all_rows]
+    # Whether the autotuner drops a row follows the table as it is now.
+    modules = {report.kernel_name(m): m for m in report.KERNEL_MODULES}
+    for row in table_rows:
+        aot = report.spec(modules[row.kernel])
+        config = next(c for c in aot.configs if report.config_label(c) == row.config)
+        row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch)
+    all_rows = report.as_json(table_rows)
+    bad = [r for r in table_rows if r.problems and not r.pruned]
+    runs = "; ".join(
+        f"{', '.join(run['kernels'])}: subset {run['subset']}, {run['wall_s']:.0f} s"
+        for run in meta["runs"]
     )
-    write_atomic(RESULTS / "aot.md", header + report.markdown(rows) + "\n")
+    header = (
+        f"# Ahead-of-time compile report (Triton {triton.__version__})\n\n"
+        f"{len(table_rows)} compiles for sm_80 and sm_90 on {os.cpu_count()} shared cores "
+        f"({runs}). {len(bad)} rows with problems in configs the autotuner runs; rows marked "
+        "`pruned` are configs the autotuner drops for that dtype and arch "
+        "(kernels/_resources.py).\n\n"
+    )
+    write_atomic(RESULTS / "aot.json", json.dumps({**meta, "rows": all_rows}, indent=1))
+    write_atomic(RESULTS / "aot.md", header + report.markdown(table_rows) + "\n")
     print(report.text_table(rows))
     print(f"\n{len(rows)} compiles in {elapsed:.0f} s, {len(bad)} with problems", file=sys.stderr)
     if args.before:

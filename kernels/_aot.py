@@ -46,7 +46,8 @@ class AotSpec:
     constexprs the launcher derives from the dtype, one mapping per choice it can make (float32
     matmuls may run in IEEE or TF32 precision); each choice is labelled.
     ``tensor_core`` names the dtypes whose ``tl.dot`` must run on tensor cores.
-    ``shared_bytes`` is the shared-memory estimate the autotuner prunes configs by.
+    ``heavy`` names the variants the resource table is built from (the CI test checks that no
+    other variant needs more).
     """
 
     kernel: object  # the triton.autotune object (its .fn is the jitted kernel)
@@ -57,9 +58,9 @@ class AotSpec:
         (d, {})
     ]
     tensor_core: Sequence[str] = ()
-    # Shared memory a config needs at an element size, as the autotune pruning estimates it;
-    # configs over an arch's limit are pruned there, and the report skips them the same way.
-    shared_bytes: Callable[[triton.Config, int], int] | None = None
+    # The variants with the most register pressure: the compiled-resource table that the
+    # autotuner prunes by is built from every config and dtype in these (all, if empty).
+    heavy: Sequence[str] = ()
 
     def __post_init__(self) -> None:
         for name, kind in self.args.items():

@@ -22,6 +22,7 @@ from ._common import (
     check_tensors,
     configs,
     multiprocessor_count,
+    prune_by_resources,
     size_bucket,
 )
 
@@ -50,6 +51,7 @@ CUDA_CONFIGS = [
         cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_P": 8, "BLOCK_N": 32}),
     ),
+    prune_configs_by={"early_config_prune": prune_by_resources("ablate_expand", "y_ptr")},
     key=["N", "p_bucket", "UNIT_MID"],
 )
 @triton.jit

@@ -1,6 +1,6 @@
 """Ahead-of-time compile report: every Triton kernel of canfast, compiled for A100 and H100.
 
-    python -m canfast.kernels.report --arch sm_80,sm_90 [--json] [--subset ci|full]
+    python -m canfast.kernels.report --arch sm_80,sm_90 [--json] [--subset ci|variants|heavy|full]
 
 No GPU, driver or CUDA toolkit is needed: ``triton.compile`` takes a named target
 (``GPUTarget("cuda", 80 | 90, 32)``) and lowers the kernel to PTX and a cubin with the ``ptxas``
@@ -46,6 +46,8 @@ from functools import partial
 from multiprocessing import get_context
 
 import triton
+
+from ._common import config_label, keeps
 
 KERNEL_MODULES = (
     "canfast.kernels.masked_linear",
@@ -117,8 +119,6 @@ class Row:
     @property
     def problems(self) -> list[str]:
         found = []
-        if self.pruned:
-            return found
         if self.spill_stores or self.spill_loads:
             found.append(f"spills {self.spill_stores}/{self.spill_loads} B")
         if self.shared > self.shared_limit:
@@ -141,20 +141,10 @@ def kernel_name(module: str) -> str:
     return module.rsplit(".", 1)[1]
 
 
-def config_label(config) -> str:
-    blocks = "x".join(str(v) for k, v in config.kwargs.items() if k.startswith("BLOCK"))
-    return f"{blocks} s{config.num_stages} w{config.num_warps}"
-
-
-ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-
-
-def pruned(aot, config: int, dtype: str, arch: str) -> bool:
-    """Whether the autotuner's pruning drops this config for this dtype on this arch."""
-    if aot.shared_bytes is None:
-        return False
-    need = aot.shared_bytes(aot.configs[config], ELEMENT_BYTES[dtype])
-    return need > ARCHS[arch].shared_per_block
+def pruned(module: str, config: triton.Config, label: str, arch: str) -> bool:
+    """Whether the autotuner drops this config for this dtype choice on this arch (by the
+    compiled-resource table, at the arch's own shared-memory limit)."""
+    return not keeps(kernel_name(module), arch, label, config, ARCHS[arch].shared_per_block)
 
 
 def _features(variant) -> set[tuple[str, str]]:
@@ -180,13 +170,14 @@ def covering_variants(aot) -> list[int]:
     return sorted(chosen)
 
 
-SUBSETS = ("ci", "variants", "full")
+SUBSETS = ("ci", "variants", "heavy", "full")
 
 
 def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
-    """The compiles of one kernel, for one of three subsets:
+    """The compiles of one kernel, for one of four subsets:
 
     - ``full``: every config x dtype choice x variant x arch;
+    - ``heavy``: the same for the kernel's ``heavy`` variants only (the resource table's source);
     - ``variants``: every variant on every arch once;
     - ``ci``: a pairwise covering set of the variants (:func:`covering_variants`) on every arch.
 
@@ -196,10 +187,17 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
     """
     aot = spec(module)
     choices = [(d, c) for d in DTYPES for c in range(len(aot.dtype_constexprs(d)))]
-    variants = covering_variants(aot) if subset == "ci" else list(range(len(aot.variants)))
+    labels = {(d, c): aot.dtype_constexprs(d)[c][0] for d, c in choices}
+    names = [v.name for v in aot.variants]
+    if subset == "ci":
+        variants = covering_variants(aot)
+    elif subset == "heavy":
+        variants = [names.index(n) for n in aot.heavy] or list(range(len(names)))
+    else:
+        variants = list(range(len(names)))
     jobs = []
     for arch in archs:
-        if subset == "full":
+        if subset in ("full", "heavy"):
             for config in range(len(aot.configs)):
                 for dtype, choice in choices:
                     for variant in variants:
@@ -211,7 +209,7 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
             config = i % len(aot.configs)
             for step in range(len(aot.configs)):
                 candidate = (config + step) % len(aot.configs)
-                if not pruned(aot, candidate, dtype, arch):
+                if not pruned(module, aot.configs[candidate], labels[dtype, choice], arch):
                     config = candidate
                     break
             jobs.append(Job(module, config, dtype, choice, variants[i % len(variants)], arch))
@@ -308,13 +306,6 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
         aot = replace(aot, configs=list(configs))
     config = aot.configs[job.config]
     label, _ = aot.dtype_constexprs(job.dtype)[job.choice]
-    if pruned(aot, job.config, job.dtype, job.arch):
-        need = aot.shared_bytes(config, ELEMENT_BYTES[job.dtype])
-        return Row(
-            kernel_name(job.module), job.arch, label, aot.variants[job.variant].name,
-            config_label(config), config.num_warps, config.num_stages, 0, 0, 0, 0, need,
-            ARCHS[job.arch].shared_per_block, 0, 0, False, 0, 0.0, pruned=True,
-        )  # fmt: skip
     fn = aot.kernel.fn
     if not isinstance(fn, JITFunction):  # imported under TRITON_INTERPRET=1
         fn = JITFunction(fn.fn)
@@ -360,6 +351,7 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
         tensor_core_required=label in aot.tensor_core,
         warps_per_sm=warps_per_sm(job.arch, registers, shared, config.num_warps),
         compile_s=round(elapsed, 2),
+        pruned=pruned(job.module, config, label, job.arch),
     )
 
 
@@ -407,7 +399,7 @@ def cells(row: Row) -> list[str]:
         "spill st/ld": f"{row.spill_stores}/{row.spill_loads}",
         "shared KB / limit": f"{row.shared / 1024:.0f} / {row.shared_limit / 1024:.0f}",
         "tensor core": f"{op.split('.')[0]} x{count}" if count else "-",
-        "ok": "pruned (shared)" if row.pruned else "; ".join(row.problems) or "ok",
+        "ok": ("pruned: " if row.pruned else "") + ("; ".join(row.problems) or "ok"),
     }
     return [str(getattr(row, attr)) if attr else values[head] for head, attr in COLUMNS]
 

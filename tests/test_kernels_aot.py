@@ -55,10 +55,11 @@ def test_subset_covers_every_kernel_config_dtype_and_arch():
         for arch in ARCHS:
             here = [j for j in jobs if j.arch == arch]
             assert {j.dtype for j in here} == set(report.DTYPES)
+            labels = [label for d in report.DTYPES for label, _ in aot.dtype_constexprs(d)]
             runnable = {
                 c
-                for c in range(len(aot.configs))
-                if any(not report.pruned(aot, c, d, arch) for d in report.DTYPES)
+                for c, config in enumerate(aot.configs)
+                if any(not report.pruned(module, config, label, arch) for label in labels)
             }
             assert {j.config for j in here} >= runnable
             # Every pair of settings some variant combines is compiled together.
@@ -71,17 +72,33 @@ def test_subset_covers_every_kernel_config_dtype_and_arch():
                 assert {(a, b) for a in f for b in f if a < b} <= covered, v.name
 
 
-def test_shared_memory_estimate_bounds_the_compiled_kernels(compiled):
-    """The autotune pruning estimate must not undercount what the compiler allocates."""
-    checked = 0
+def test_resource_table_bounds_every_compiled_variant(compiled):
+    """The table the autotuners prune by is built from the heavy variants only; no variant of
+    the CI subset may need more shared memory or spill where the table says it does not."""
+    from canfast.kernels._resources import RESOURCES
+
     for job, row in compiled.items():
-        aot = report.spec(job.module)
-        if aot.shared_bytes is None or row.pruned:
-            continue
-        estimate = aot.shared_bytes(aot.configs[job.config], report.ELEMENT_BYTES[job.dtype])
-        assert row.shared <= estimate, report.text_table([row])
-        checked += 1
-    assert checked
+        entry = RESOURCES[row.kernel].get((row.arch, row.dtype, row.config))
+        assert entry is not None, f"{_job_id(job)} missing from kernels/_resources.py"
+        shared, spilled = entry
+        assert row.shared <= shared, _job_id(job)
+        assert spilled or not (row.spill_stores or row.spill_loads), _job_id(job)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("module", report.KERNEL_MODULES)
+def test_every_config_runs_clean_in_bf16_and_fp16(module, arch):
+    """Pruning is for float32 only (twice the shared memory per tile, and IEEE dots on the CUDA
+    cores): in bf16 and fp16 every shipped config is clean on both archs, and each float32
+    precision keeps at least one config."""
+    aot = report.spec(module)
+    for dtype in report.DTYPES:
+        for label, _ in aot.dtype_constexprs(dtype):
+            kept = [c for c in aot.configs if not report.pruned(module, c, label, arch)]
+            if dtype == "fp32":
+                assert kept, f"no config left for {label} on {arch}"
+            else:
+                assert len(kept) == len(aot.configs), f"{label} on {arch}"
 
 
 def test_a_spilling_config_is_caught():
@@ -98,18 +115,33 @@ def test_a_spilling_config_is_caught():
     assert row.spill_stores > 0 and any("spills" in p for p in row.problems)
 
 
-def test_prune_keeps_configs_that_fit_the_device(monkeypatch):
+def test_prune_by_resources_follows_the_table_and_the_device(monkeypatch):
+    import torch
+    from canfast.kernels._resources import RESOURCES
     from canfast.kernels.masked_linear import CUDA_CONFIGS
 
-    x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), element_size=lambda: 4)
-    monkeypatch.setattr(_common, "_shared_memory_limit", lambda device: 101376)  # sm_86
-    kept = _common.prune_by_shared_memory(CUDA_CONFIGS, {"x_ptr": x})
-    assert kept and len(kept) < len(CUDA_CONFIGS)
-    assert all(_common.matmul_shared_bytes(c, 4) <= 101376 for c in kept)
-    monkeypatch.setattr(_common, "_shared_memory_limit", lambda device: 1024)
-    kept = _common.prune_by_shared_memory(CUDA_CONFIGS, {"x_ptr": x})
-    smallest = min(_common.matmul_shared_bytes(c, 4) for c in CUDA_CONFIGS)
-    assert len(kept) == 1 and _common.matmul_shared_bytes(kept[0], 4) == smallest
+    table = RESOURCES["masked_linear"]
+    prune = _common.prune_by_resources("masked_linear", "x_ptr")
+    x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.float32)
+    monkeypatch.setattr(_common, "_arch", lambda device: "sm_80")
+    for limit in (166912, 101376):  # A100, and consumer Ampere (sm_86)
+        monkeypatch.setattr(_common, "_shared_memory_limit", lambda device, limit=limit: limit)
+        for precision in ("ieee", "tf32"):
+            dtype = "fp32" if precision == "ieee" else "fp32-tf32"
+            kept = prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION=precision)
+            expected = [
+                c
+                for c in CUDA_CONFIGS
+                if not table[("sm_80", dtype, _common.config_label(c))][1]
+                and table[("sm_80", dtype, _common.config_label(c))][0] <= limit
+            ]
+            assert kept == (expected or kept[:1]) and kept
+    # IEEE float32 on A100: the table drops configs that spill or overflow shared memory.
+    monkeypatch.setattr(_common, "_shared_memory_limit", lambda device: 166912)
+    assert len(prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee")) < len(CUDA_CONFIGS)
+    # A generation without a table keeps every config; CPU tensors are not pruned.
+    monkeypatch.setattr(_common, "_arch", lambda device: None)
+    assert prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee") == CUDA_CONFIGS
 
 
 def test_ptxas_log_and_occupancy():
