@@ -204,14 +204,20 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
                         jobs.append(Job(module, config, dtype, choice, variant, arch))
             continue
         count = max(len(variants), len(aot.configs), len(choices))
-        for i in range(count):
+        unused = list(range(len(aot.configs)))
+        for i in range(count + len(aot.configs)):
             dtype, choice = choices[i % len(choices)]
-            config = i % len(aot.configs)
-            for step in range(len(aot.configs)):
-                candidate = (config + step) % len(aot.configs)
-                if not pruned(module, aot.configs[candidate], labels[dtype, choice], arch):
-                    config = candidate
-                    break
+            runnable = [
+                c
+                for c in range(len(aot.configs))
+                if not pruned(module, aot.configs[c], labels[dtype, choice], arch)
+            ]
+            fresh = [c for c in unused if c in runnable]
+            if i >= count and not fresh:
+                continue  # the extra rounds only pick up configs not compiled yet
+            config = fresh[0] if fresh else runnable[i % len(runnable)]
+            if config in unused:
+                unused.remove(config)
             jobs.append(Job(module, config, dtype, choice, variants[i % len(variants)], arch))
     return jobs
 
