@@ -63,9 +63,9 @@ BEFORE = {
 # The variants of the before/after table: the heaviest epilogue of each direction.
 BEFORE_AFTER_VARIANTS = {
     "canfast.kernels.masked_linear": (
-        "fwd bias in=2 out=2 stats",
-        "fwd in=0 out=2 stats",
-        "bwd in=2 out=2",
+        "fwd bias in=2 out=2",
+        "fwd in=0 out=2",
+        "bwd in=2 out=2 score valid alpha=3",
     ),
     "canfast.kernels.score_accumulate": ("valid alpha=3", "valid alpha=1"),
 }

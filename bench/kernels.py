@@ -10,7 +10,7 @@ hits them alike, and the median of the rounds is kept.
 
 (a) score_accumulate, cpp vs the torch reference, and its read bandwidth as a fraction of a
     same-size copy's bandwidth (bytes read + written by ``Tensor.copy_``) timed in the same run.
-(b) masked_linear forward + backward (masks, bias, ``|y|`` statistics, dL/dx) vs the unmasked
+(b) masked_linear forward + backward (masks, bias, dL/dx) vs the unmasked
     ``x @ W.T`` and its input-gradient product ``dy @ W``: the price of the fusion around BLAS.
 (c) Roofline on paper of each Triton kernel at LLaVA-7b shapes on an H100-class GPU.
 """
@@ -142,7 +142,6 @@ def _linear_case(rows: int, k: int, n: int, dtype: torch.dtype, rounds: int) -> 
     # About 1% of the neurons masked on each side, as a sweep's masks are.
     out_mask = (torch.rand(n) > 0.01).float()
     in_mask = (torch.rand(k) > 0.01).float()
-    stats = torch.zeros(n)
     x_leaf = x.clone().requires_grad_()
 
     def plain() -> None:
@@ -151,7 +150,7 @@ def _linear_case(rows: int, k: int, n: int, dtype: torch.dtype, rounds: int) -> 
 
     def fused() -> None:
         x_leaf.grad = None
-        y = ops.masked_linear(x_leaf, w, bias, out_mask, in_mask, stats, backend="cpp")
+        y = ops.masked_linear(x_leaf, w, bias, out_mask, in_mask, backend="cpp")
         y.backward(grad_y)
 
     t = timed_rounds({"plain": plain, "cpp": fused}, rounds)
@@ -209,13 +208,13 @@ def gpu_roofline() -> list[dict]:
             )
         )
     for k, n, what in ((HIDDEN, INTERMEDIATE, "gate/up"), (INTERMEDIATE, HIDDEN, "down")):
-        # Forward: x, W, y once each (masks and stats are O(K + N)); backward dL/dx the same
+        # Forward: x, W, y once each (masks are O(K + N)); backward dL/dx the same
         # product with the roles of K and N exchanged.
         table.append(
             _roofline(
                 "masked_linear fwd",
                 f"[{rows}, {k}] @ [{k}, {n}] ({what})",
-                (rows * k + k * n + rows * n) * e + n * 4,
+                (rows * k + k * n + rows * n) * e,
                 2 * rows * k * n,
                 tensor=True,
             )
@@ -329,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
         ],
     )
     _print_table(
-        "(b) masked_linear fwd+bwd (masks, bias, stats, dL/dx) vs plain x @ W.T and dy @ W",
+        "(b) masked_linear fwd+bwd (masks, bias, dL/dx) vs plain x @ W.T and dy @ W",
         linear,
         [
             ("R x K x N", shape),

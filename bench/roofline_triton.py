@@ -67,7 +67,7 @@ ROWS = TOKENS * BATCH
 RESULTS = Path(__file__).resolve().parent / "results" / "aot.json"
 # The variants the predictions read: the heaviest epilogue of each masked_linear direction (an
 # upper bound on the registers of the lighter ones), alpha = 0.5 with padding for the score.
-FORWARD, BACKWARD = "fwd bias in=2 out=2 stats", "bwd in=2 out=2"
+FORWARD, BACKWARD = "fwd bias in=2 out=2", "bwd in=2 out=2 score valid alpha=1"
 SCORE = "valid alpha=1"
 
 

@@ -1,9 +1,16 @@
 """End-to-end cost of CAN scoring against the bare work it cannot avoid.
 
 The floor is a forward and a backward pass that produce the activation gradients at every FFN
-site (parameters frozen, exactly what scoring needs) with nothing done to them. canfast.score
-adds the fused reduction of activations and gradients, once per site. The ratio of the two,
-per backend, is what this prints; the target for the fast backend is at most 1.3x.
+site (parameters frozen, exactly what scoring needs) with nothing done to them. Against it:
+
+- fused: ``canfast.score`` on the cpp backend, its default path: each site's Linear runs
+  through ``masked_linear`` and the backward adds the CAN sums while it computes ``dL/dx``;
+- hooks + kernel: the same backend with ``path="hooks"``: hooks keep activations and gradients
+  and the cpp ``score_accumulate`` kernel reduces them;
+- reference: the torch backend (hooks and the pure-PyTorch reduction).
+
+The paths are timed in interleaved rounds (one run of each per round), so that a noisy
+neighbour slows all of them alike; medians and ratios to the floor are printed.
 
 Model: a ~50M-parameter Llama-shaped causal LM with random weights (no download).
 """
@@ -66,7 +73,7 @@ def samples(n: int, prompt_words: int, target_words: int) -> list[Sample]:
     return out
 
 
-def bare_forward_backward(model: canfast.Model, data: list[Sample], batch_size: int) -> None:
+def bare(model: canfast.Model, data: list[Sample], batch_size: int) -> None:
     """Activation gradients at every site and nothing else: the floor of any scoring method."""
     from canfast.objective import mean_nll
 
@@ -86,20 +93,23 @@ def bare_forward_backward(model: canfast.Model, data: list[Sample], batch_size: 
             h.remove()
 
 
-def median_time(fn, repeats: int) -> float:
-    fn()  # warm-up: allocator, thread pool, first-call paths
-    times = []
+def interleaved_medians(paths: dict, repeats: int) -> dict[str, float]:
+    """The median seconds of each path over ``repeats`` rounds, one run of each per round."""
+    for fn in paths.values():
+        fn()  # warm-up: allocator, thread pool, first-call paths
+    times: dict[str, list[float]] = {name: [] for name in paths}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in paths.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     model = build(args.quick)
     n_params = sum(p.numel() for p in model.hf.parameters())
@@ -108,29 +118,35 @@ def main() -> None:
     batch_size = 4 if not args.quick else 2
     with torch.no_grad():
         model.encode(data[:1])
-    floor = median_time(lambda: bare_forward_backward(model, data, batch_size), args.repeats)
-    rows = [{"path": "forward+backward (activation grads only)", "seconds": floor, "ratio": 1.0}]
-    for backend in ("torch", "cpp"):
-        if not ops.available(backend):
-            continue
-        seconds = median_time(
-            lambda b=backend: canfast.score(
-                model, data, targets="given", batch_size=batch_size, backend=b, progress=False
-            ),
-            args.repeats,
+
+    def scoring(backend: str, path: str):
+        return lambda: canfast.score(
+            model,
+            data,
+            targets="given",
+            batch_size=batch_size,
+            backend=backend,
+            progress=False,
+            path=path,
         )
-        rows.append(
-            {
-                "path": f"canfast.score backend={backend}",
-                "seconds": seconds,
-                "ratio": seconds / floor,
-            }
-        )
+
+    paths = {"forward+backward (activation grads only)": lambda: bare(model, data, batch_size)}
+    if ops.available("cpp"):
+        paths["fused (cpp, canfast.score default)"] = scoring("cpp", "fused")
+        paths["hooks + kernel (cpp, path=hooks)"] = scoring("cpp", "hooks")
+    paths["reference (torch backend, hooks)"] = scoring("torch", "hooks")
+    medians = interleaved_medians(paths, args.repeats)
+    floor = medians["forward+backward (activation grads only)"]
+    rows = [
+        {"path": name, "seconds": seconds, "ratio": seconds / floor}
+        for name, seconds in medians.items()
+    ]
     tokens = sum(model.encode([s]).inputs["input_ids"].shape[1] for s in data)
     print(
         f"model: Llama-shaped, {n_params / 1e6:.1f}M parameters, {len(data)} samples, "
         f"{tokens} tokens, {torch.get_num_threads()} threads, {platform.machine()}"
     )
+    print(f"medians of {args.repeats} interleaved rounds")
     print(f"{'path':48s} {'median s':>9s} {'x floor':>8s}")
     for r in rows:
         print(f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.2f}")
@@ -141,6 +157,7 @@ def main() -> None:
         "tokens": tokens,
         "rows": rows,
         "threads": torch.get_num_threads(),
+        "repeats": args.repeats,
         "quick": args.quick,
     }
     RESULTS.write_text(json.dumps(summary, indent=2) + "\n")

@@ -12,18 +12,30 @@ from canfast.errors import BadInput  # noqa: E402
 from canfast.mask import masked  # noqa: E402
 from canfast.model import Batch, Model, load  # noqa: E402
 from canfast.objective import evaluate, generate_answers  # noqa: E402
+from canfast.pipeline import (  # noqa: E402
+    DataConfig,
+    ModelConfig,
+    ScoreConfig,
+    SiteConfig,
+    run,
+)
 from canfast.score import Scores, score  # noqa: E402
 from canfast.sites import NeuronSet, Site  # noqa: E402
-from canfast.sweep import SweepResult, sweep  # noqa: E402
+from canfast.sweep import SweepConfig, SweepResult, sweep  # noqa: E402
 
 __all__ = [
     "BadInput",
     "Batch",
+    "DataConfig",
     "Model",
+    "ModelConfig",
     "NeuronSet",
     "Sample",
+    "ScoreConfig",
     "Scores",
     "Site",
+    "SiteConfig",
+    "SweepConfig",
     "SweepResult",
     "__version__",
     "evaluate",
@@ -31,6 +43,7 @@ __all__ = [
     "load",
     "load_data",
     "masked",
+    "run",
     "score",
     "sweep",
 ]

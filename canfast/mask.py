@@ -1,14 +1,18 @@
 """Masking neurons: one set, or a batch of sets evaluated side by side.
 
-``mode="hook"`` swaps each affected Linear's forward for :func:`canfast.ops.masked_linear`;
+``mode="hook"`` routes each affected Linear through :func:`canfast.ops.masked_linear` (a
+:class:`Route`, which scoring uses too, to attach its score sinks);
 ``mode="weight"`` zeroes weight rows (unit ``out``) or columns (unit ``mid``) and their bias
 entries, and puts the saved values back on exit. Both give the same outputs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import weakref
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor, nn
@@ -54,11 +58,6 @@ def build_masks(model: Model, sets: Sequence[NeuronSet]) -> dict[Site, Tensor]:
     return masks
 
 
-def _weight(module: nn.Module) -> Tensor:
-    """The weight in nn.Linear layout [out, in] (Conv1D stores the transpose)."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
-
-
 @contextmanager
 def masked(
     model: Model,
@@ -90,6 +89,91 @@ def masked(
         restore()
 
 
+class Route:
+    """How one Linear runs while canfast holds it: through :func:`canfast.ops.masked_linear`
+    with the masks of every layer installed on it, composed by product, and at most one score
+    sink.
+
+    Layers come and go in nested order (an enclosing ``masked``, the other unit of the same
+    down projection, a scoring run). Hooks cannot stop a module's own product, so the route
+    itself is what the module calls: it is set as the instance's ``forward``, which shadows the
+    class method, while any layer is installed, and deleted with the last one, which restores
+    the module exactly.
+    """
+
+    def __init__(self, module: nn.Module, transposed: bool) -> None:
+        self.module = module
+        self.transposed = transposed
+        self.layers: list[RouteLayer] = []
+
+    def __call__(self, x: Tensor) -> Tensor:
+        module = self.module
+        out_mask = in_mask = None
+        sinks = None
+        for layer in self.layers:
+            out_mask = _both(out_mask, layer.out_mask)
+            in_mask = _both(in_mask, layer.in_mask)
+            sinks = layer.sinks or sinks
+        weight = module.weight.t() if self.transposed else module.weight
+        backend = self.layers[-1].backend
+        sink = sinks.open(x) if sinks is not None else None
+        y = ops.masked_linear(x, weight, module.bias, out_mask, in_mask, sink, backend=backend)
+        if sinks is not None:
+            sinks.opened(x, y, sink)
+        return y
+
+
+class SinkSource(Protocol):
+    """Gives a routed Linear a fresh score sink for each call (see :mod:`canfast.score`)."""
+
+    def open(self, x: Tensor) -> ops.ScoreSink: ...
+
+    def opened(self, x: Tensor, y: Tensor, sink: ops.ScoreSink) -> None: ...
+
+
+@dataclass(eq=False)
+class RouteLayer:
+    """One installer's part of a route: keep-masks (None: none) and/or a sink source."""
+
+    out_mask: Tensor | None = None
+    in_mask: Tensor | None = None
+    sinks: SinkSource | None = None
+    backend: str = "auto"
+
+
+_ROUTES: weakref.WeakKeyDictionary[nn.Module, Route] = weakref.WeakKeyDictionary()
+
+
+def route(site: Site, layer: RouteLayer) -> Callable[[], None]:
+    """Install ``layer`` on ``site``'s Linear; return the function that removes it.
+
+    Raises BadInput (and installs nothing) when its masks do not compose with those in force.
+    """
+    module = site.module
+    current = _ROUTES.get(module)
+    if current is None:
+        current = Route(module, site.transposed)
+    out_mask = in_mask = None
+    for other in [*current.layers, layer]:
+        out_mask = _both(out_mask, other.out_mask)
+        in_mask = _both(in_mask, other.in_mask)
+    if layer.sinks is not None and any(other.sinks for other in current.layers):
+        raise BadInput(f"{site.name} is already being scored")
+    if not current.layers:
+        _ROUTES[module] = current
+        # An instance attribute shadows the class's forward; deleting it restores the original.
+        module.forward = current
+    current.layers.append(layer)
+
+    def remove() -> None:
+        current.layers.remove(layer)
+        if not current.layers:
+            del module.forward
+            _ROUTES.pop(module, None)
+
+    return remove
+
+
 def _both(outer: Tensor | None, inner: Tensor | None) -> Tensor | None:
     """The product of two keep-masks ([C] or [M, C]); None means no mask."""
     if outer is None or inner is None:
@@ -102,36 +186,17 @@ def _both(outer: Tensor | None, inner: Tensor | None) -> Tensor | None:
 
 
 def _install_hooks(masks: dict[Site, Tensor], batched: bool, backend: str):
-    installed: list[tuple[nn.Module, object]] = []
+    removers: list[Callable[[], None]] = []
 
     def restore() -> None:
-        for module, previous in reversed(installed):
-            if previous is None:
-                del module.forward
-            else:
-                module.forward = previous
+        for remove in reversed(removers):
+            remove()
 
     try:
         for site, mask in masks.items():
-            module = site.module
-            keep = (mask if batched else mask[0]).to(module.weight.device)
+            keep = (mask if batched else mask[0]).to(site.module.weight.device)
             out_mask, in_mask = (keep, None) if site.unit == "out" else (None, keep)
-            # A mask already installed on this module stays in force: an enclosing ``masked``,
-            # or the other unit of the same down projection (``.down`` and ``.mid`` neurons).
-            previous = vars(module).get("forward")
-            outer_out, outer_in = getattr(previous, "canfast_masks", (None, None))
-            out_mask, in_mask = _both(outer_out, out_mask), _both(outer_in, in_mask)
-
-            def forward(x: Tensor, module=module, out_mask=out_mask, in_mask=in_mask) -> Tensor:
-                return ops.masked_linear(
-                    x, _weight(module), module.bias, out_mask, in_mask, backend=backend
-                )
-
-            forward.canfast_masks = (out_mask, in_mask)
-            # An instance attribute shadows the class's forward; deleting it restores the
-            # original.
-            module.forward = forward
-            installed.append((module, previous))
+            removers.append(route(site, RouteLayer(out_mask, in_mask, backend=backend)))
     except BaseException:
         restore()
         raise
@@ -143,7 +208,8 @@ def _zero_weights(masks: dict[Site, Tensor]):
     saved: list[tuple[Tensor, Tensor, Tensor]] = []
     for site, mask in masks.items():
         channels = (mask[0] == 0).nonzero().flatten().to(site.module.weight.device)
-        weight = _weight(site.module)  # a view: writes reach the parameter
+        # A view in nn.Linear layout: writes reach the parameter.
+        weight = site.module.weight.t() if site.transposed else site.module.weight
         if site.unit == "out":
             saved.append((weight, channels, weight[channels].clone()))
             weight[channels] = 0

@@ -1,7 +1,8 @@
-"""Model: a transformers model, its processor or tokenizer, and its FFN sites.
+"""Model: a transformers model, its processor or tokenizer, its FFN sites and fingerprint.
 
 ``Model.encode`` is the single place where samples become model inputs: every loss, score and
-perplexity in canfast goes through it.
+perplexity in canfast goes through it. The work is its family's encoder's
+(:mod:`canfast.adapters.encoders`).
 """
 
 from __future__ import annotations
@@ -10,65 +11,18 @@ import hashlib
 import json
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from canfast.adapters import Adapter, adapter_for, find_sites
+from canfast.adapters.encoders import IGNORE, Batch, Encoder
+
+__all__ = ["IGNORE", "Batch", "Model", "load", "quiet_transformers"]
 from canfast.data import Sample
 from canfast.errors import BadInput
 from canfast.sites import UNITS, Site, select
-
-IGNORE = -100
-
-
-@dataclass
-class Batch:
-    """Model inputs for a list of samples, right-padded.
-
-    - ``inputs``: the keyword arguments of the model's forward.
-    - ``labels``: ``[B, L]`` aligned with the logits: ``labels[i, t]`` is the token that logit row
-      ``t`` must predict, or -100 where no target is scored.
-    - ``target_mask``: bool, True at the target tokens of the sequence they belong to (the input
-      sequence of a decoder-only or masked model, the decoder sequence of an encoder-decoder).
-    - ``valid``: per token stream (``"language"``, ``"decoder"``), a bool ``[B, T]`` marking the
-      real (non-padding) positions; a stream absent here has no padding.
-    """
-
-    inputs: dict[str, Tensor]
-    labels: Tensor
-    target_mask: Tensor
-    valid: dict[str, Tensor] = field(default_factory=dict)
-
-    @property
-    def size(self) -> int:
-        return self.labels.shape[0]
-
-    def to(self, device: torch.device | str) -> Batch:
-        move = {k: v.to(device) for k, v in self.inputs.items()}
-        return Batch(
-            move,
-            self.labels.to(device),
-            self.target_mask.to(device),
-            {k: v.to(device) for k, v in self.valid.items()},
-        )
-
-    def repeat(self, times: int) -> Batch:
-        """The batch stacked ``times`` times, block by block (for a batch of masks)."""
-        if times == 1:
-            return self
-
-        def tile(t: Tensor) -> Tensor:
-            return t.repeat(times, *([1] * (t.dim() - 1)))
-
-        return Batch(
-            {k: tile(v) for k, v in self.inputs.items()},
-            tile(self.labels),
-            tile(self.target_mask),
-            {k: tile(v) for k, v in self.valid.items()},
-        )
 
 
 class Model:
@@ -85,13 +39,14 @@ class Model:
         processor,
         name: str | None = None,
         prompt_template: str | None = None,
+        target_separator: str | None = None,
+        score_eos: bool = True,
     ) -> None:
         self.hf = hf_model
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)
         self.name = name or getattr(hf_model.config, "_name_or_path", "") or type(hf_model).__name__
         self.adapter: Adapter = adapter_for(hf_model.config.model_type)
-        self.prompt_template = prompt_template or self.adapter.prompt_template
         self.task = self.adapter.task
         text_config = getattr(hf_model.config, "text_config", hf_model.config)
         if getattr(text_config, "is_encoder_decoder", False) or hf_model.config.is_encoder_decoder:
@@ -100,6 +55,10 @@ class Model:
         if self.tokenizer.pad_token_id is None:
             # Padding positions are always masked out, so any id will do as long as one exists.
             self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
+        self.encoder: Encoder = self.adapter.encoder(
+            processor, self.task, prompt_template, target_separator, name=self.name
+        )
+        self.encoder.score_eos = score_eos
         if not self.all_sites("out"):
             raise BadInput(
                 f"unsupported architecture {hf_model.config.model_type!r}: "
@@ -163,158 +122,23 @@ class Model:
 
     # ----- inputs ----------------------------------------------------------------------------
 
-    def prompt_text(self, sample: Sample) -> str:
-        if "<image>" in sample.prompt:
-            return sample.prompt
-        return self.prompt_template.format(prompt=sample.prompt)
+    @property
+    def score_eos(self) -> bool:
+        """Whether every target gets EOS appended and scored (the default)."""
+        return self.encoder.score_eos
 
-    def _process(self, sample: Sample, text: str) -> dict[str, Tensor]:
-        if self.adapter.uses_images:
-            if sample.image is None:
-                raise BadInput(
-                    f"{self.name} needs an image for every sample (prompt {sample.prompt!r})"
-                )
-            return dict(self.processor(images=[sample.image], text=[text], return_tensors="pt"))
-        return dict(self.tokenizer([text], return_tensors="pt"))
-
-    def target_ids(self, prompt_text: str, target: str) -> list[int]:
-        """The target's tokens as they follow the prompt, without special tokens.
-
-        Tokenizing the prompt with and without the target and keeping the tail respects how the
-        tokenizer joins words at the boundary (a leading space for byte-level BPE, for one).
-        """
-        tok = self.tokenizer
-        alone = tok(prompt_text, add_special_tokens=False)["input_ids"]
-        joined = tok(f"{prompt_text} {target}", add_special_tokens=False)["input_ids"]
-        if joined[: len(alone)] == alone:
-            return list(joined[len(alone) :])
-        return list(tok(target, add_special_tokens=False)["input_ids"])
+    @score_eos.setter
+    def score_eos(self, value: bool) -> None:
+        self.encoder.score_eos = value
 
     def encode(self, samples: Sequence[Sample]) -> Batch:
-        """Inputs, aligned labels and masks for samples that all have targets.
-
-        Decoder models see ``prompt + target + EOS``, scored on the target and EOS; an
-        encoder-decoder reads the prompt and is scored on the decoder's ``target + EOS``; a
-        masked LM is scored at its mask tokens, the target being the tokens that fill them.
-        """
-        missing = [s.prompt for s in samples if s.target is None]
-        if missing:
-            raise ValueError(f"encode needs targets; {len(missing)} samples have none")
-        if self.task == "masked":
-            return self._encode_masked(samples)
-        if self.task == "seq2seq":
-            return self._encode_seq2seq(samples)
-        return self._encode_causal(samples)
-
-    def _eos(self) -> list[int]:
-        eos = self.tokenizer.eos_token_id
-        return [] if eos is None else [eos]
-
-    def _encode_causal(self, samples: Sequence[Sample]) -> Batch:
-        rows, starts = [], []
-        for sample in samples:
-            text = self.prompt_text(sample)
-            encoded = self._process(sample, text)
-            target = torch.tensor([self.target_ids(text, sample.target) + self._eos()])
-            starts.append(encoded["input_ids"].shape[1])
-            encoded["input_ids"] = torch.cat([encoded["input_ids"], target], dim=1)
-            if "attention_mask" in encoded:
-                encoded["attention_mask"] = torch.ones_like(encoded["input_ids"])
-            rows.append(encoded)
-        inputs = self._collate(rows, side="right")
-        ids, attention = inputs["input_ids"], inputs["attention_mask"]
-        positions = torch.arange(ids.shape[1])
-        lengths = attention.sum(dim=1)
-        start = torch.tensor(starts)
-        target_mask = (positions >= start[:, None]) & (positions < lengths[:, None])
-        labels = torch.full_like(ids, IGNORE)
-        labels[:, :-1] = torch.where(target_mask[:, 1:], ids[:, 1:], IGNORE)
-        return Batch(inputs, labels, target_mask, {"language": attention.bool()})
-
-    def _encode_seq2seq(self, samples: Sequence[Sample]) -> Batch:
-        rows, targets = [], []
-        for sample in samples:
-            text = self.prompt_text(sample)
-            rows.append(self._process(sample, text))
-            ids = self.tokenizer(sample.target, add_special_tokens=False)["input_ids"]
-            targets.append(list(ids) + self._eos())
-        inputs = self._collate(rows, side="right")
-        width = max(len(t) for t in targets)
-        labels = torch.full((len(samples), width), IGNORE, dtype=torch.long)
-        for i, t in enumerate(targets):
-            labels[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-        target_mask = labels != IGNORE
-        # The model shifts labels right into decoder inputs; padding positions stay -100.
-        inputs["labels"] = labels
-        valid = {"language": inputs["attention_mask"].bool(), "decoder": target_mask}
-        return Batch(inputs, labels, target_mask, valid)
-
-    def _encode_masked(self, samples: Sequence[Sample]) -> Batch:
-        tok = self.tokenizer
-        if tok.mask_token_id is None:
-            raise BadInput(f"{self.name}: the tokenizer has no mask token")
-        rows, fills = [], []
-        for sample in samples:
-            encoded = self._process(sample, self.prompt_text(sample))
-            where = (encoded["input_ids"][0] == tok.mask_token_id).nonzero().flatten()
-            wanted = tok.convert_tokens_to_ids(sample.target.split())
-            if len(wanted) != len(where):
-                raise BadInput(
-                    f"prompt {sample.prompt!r} has {len(where)} mask tokens but target "
-                    f"{sample.target!r} has {len(wanted)} tokens"
-                )
-            rows.append(encoded)
-            fills.append((where, wanted))
-        inputs = self._collate(rows, side="right")
-        labels = torch.full_like(inputs["input_ids"], IGNORE)
-        for i, (where, wanted) in enumerate(fills):
-            labels[i, where] = torch.tensor(wanted, dtype=torch.long)
-        target_mask = labels != IGNORE
-        return Batch(inputs, labels, target_mask, {"language": inputs["attention_mask"].bool()})
+        """Inputs, aligned labels and target mask for samples that all have targets: the
+        family's encoder (:mod:`canfast.adapters.encoders`) at work."""
+        return self.encoder.encode(samples)
 
     def encode_prompts(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
-        """Left-padded prompt inputs for generation."""
-        rows = [self._process(s, self.prompt_text(s)) for s in samples]
-        side = "right" if self.task == "seq2seq" else "left"
-        return self._collate(rows, side=side)
-
-    def _collate(self, rows: list[dict[str, Tensor]], side: str) -> dict[str, Tensor]:
-        """Stack per-sample encodings, padding every token sequence on ``side``.
-
-        The Q-Former's text (InstructBLIP) is always padded on the right with its own
-        tokenizer's pad id: it follows the query tokens and takes absolute positions, so left
-        padding would shift it.
-        """
-        pad_id = self.tokenizer.pad_token_id
-        qformer_tokenizer = getattr(self.processor, "qformer_tokenizer", None)
-        out: dict[str, Tensor] = {}
-        for key in rows[0]:
-            tensors = [r[key] for r in rows]
-            if (
-                key.endswith("input_ids")
-                or key.endswith("attention_mask")
-                or key == "token_type_ids"
-            ):
-                fill = pad_id if key.endswith("input_ids") else 0
-                key_side = side
-                if key.startswith("qformer_"):
-                    key_side = "right"
-                    if key.endswith("input_ids") and qformer_tokenizer is not None:
-                        fill = qformer_tokenizer.pad_token_id or 0
-                width = max(t.shape[1] for t in tensors)
-                padded = torch.full((len(rows), width), fill, dtype=tensors[0].dtype)
-                for i, t in enumerate(tensors):
-                    n = t.shape[1]
-                    if key_side == "right":
-                        padded[i, :n] = t[0]
-                    else:
-                        padded[i, width - n :] = t[0]
-                out[key] = padded
-            else:
-                out[key] = torch.cat(tensors, dim=0)
-        if "attention_mask" not in out and "input_ids" in out:
-            out["attention_mask"] = (out["input_ids"] != pad_id).long()
-        return out
+        """Prompt inputs for generation, padded as the model generates from them."""
+        return self.encoder.encode_prompts(samples)
 
     def forward(self, batch: Batch):
         inputs = dict(batch.inputs)

@@ -1,7 +1,11 @@
 """Targets (given or self-generated), teacher-forced NLL, perplexity, and greedy generation.
 
 An objective is any callable ``(outputs, batch) -> per-sample losses [B]``. The default is the
-mean negative log-likelihood of each sample's target tokens, teacher-forced.
+mean negative log-likelihood of each sample's target tokens, teacher-forced. An objective always
+sees one batch of samples as :meth:`canfast.Model.encode` made it, with the outputs of those
+samples only: when a sweep evaluates several neuron sets in one forward pass, the objective is
+called once per set, so losses that compare samples within a batch (in-batch contrastive) never
+mix two sets.
 """
 
 from __future__ import annotations
@@ -13,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from canfast.adapters.encoders import IGNORE, Batch
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
-from canfast.model import IGNORE, Batch, Model
+from canfast.model import Model
 
 Objective = Callable[[object, Batch], Tensor]
 TARGETS = ("self", "given")
@@ -65,7 +70,8 @@ def evaluate(
     """Teacher-forced totals over ``samples``.
 
     With ``masks > 1`` each batch is stacked ``masks`` times, for a batch of masks installed with
-    :func:`canfast.masked`; one :class:`Evaluation` per mask comes back.
+    :func:`canfast.masked`; one :class:`Evaluation` per mask comes back. A custom ``objective``
+    is then called once per mask with the unstacked batch and that mask's rows of the outputs.
     """
     nll = torch.zeros(masks, dtype=torch.float64)
     tokens = torch.zeros(masks, dtype=torch.long)
@@ -76,11 +82,40 @@ def evaluate(
         if objective is None:
             total, count = token_nll(outputs.logits, stacked.labels)
         else:
-            total = objective(outputs, stacked).float()
+            total = torch.cat(
+                [
+                    objective(block_outputs(outputs, i, masks, batch.size), batch).float()
+                    for i in range(masks)
+                ]
+            )
             count = torch.ones_like(total, dtype=torch.long)
         nll += total.reshape(masks, -1).double().sum(dim=1).cpu()
         tokens += count.reshape(masks, -1).sum(dim=1).cpu()
     return [Evaluation(float(n), int(t)) for n, t in zip(nll, tokens, strict=True)]
+
+
+def block_outputs(outputs, block: int, blocks: int, size: int):
+    """The outputs of block ``block`` of a forward pass over ``size`` samples stacked ``blocks``
+    times.
+
+    Every tensor whose first dimension is the stacked batch is cut to the block's rows, in
+    tensors, tuples and lists of tensors and model output classes alike; anything else (a
+    scalar loss, say) is kept as it is.
+    """
+    if blocks == 1:
+        return outputs
+
+    def cut(value):
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == size * blocks:
+            return value[block * size : (block + 1) * size]
+        if isinstance(value, tuple | list):
+            return type(value)(cut(v) for v in value)
+        return value
+
+    if isinstance(outputs, dict):
+        # transformers' ModelOutput is a dict whose class rebuilds from keyword arguments.
+        return type(outputs)(**{key: cut(value) for key, value in outputs.items()})
+    return cut(outputs)
 
 
 @torch.no_grad()

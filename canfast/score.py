@@ -1,5 +1,10 @@
-"""CAN scoring: hooks collect each site's activation ``a`` and its gradient ``dL/da``; the
-``score_accumulate`` op reduces them on the fly, so memory is bounded by one batch.
+"""CAN scoring: per site and sample, sums of ``|dL/da|**alpha * |a|`` taken during the backward
+pass, so memory is bounded by one batch.
+
+Two paths give the same numbers. The fused one (the default on the cpp and triton backends)
+routes each site's Linear through ``canfast.ops.masked_linear`` with a score sink: its backward
+adds the sums while it computes ``dL/dx``. The hook one (the reference, and the path of the
+torch backend) collects ``a`` and ``dL/da`` with hooks and reduces them with ``score_accumulate``.
 
     S[i, j] = mean_t |dL_i/da[i, t, j]| ** alpha * |a[i, t, j]|      I[j] = mean_i S[i, j]
 
@@ -23,6 +28,7 @@ from canfast import __version__, ops
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
 from canfast.io import load_tensors, save_tensors
+from canfast.mask import RouteLayer, route
 from canfast.model import Batch, Model
 from canfast.objective import Objective, mean_nll, with_targets
 from canfast.sites import NeuronSet, Site
@@ -32,9 +38,11 @@ SITE_ORDER = "sites"  # metadata key of the site order in a score file
 
 
 def check_alpha(alpha: float) -> float:
-    if not 0.0 <= alpha <= 1.0:
-        raise BadInput(f"alpha must lie in [0, 1], got {alpha}")
-    return float(alpha)
+    """``alpha`` as a float; BadInput unless it lies in [0, 1] (the op's own check)."""
+    try:
+        return ops.check_alpha(alpha)
+    except ValueError as error:
+        raise BadInput(str(error)) from None
 
 
 @dataclass
@@ -156,31 +164,97 @@ class _SiteTotals:
         return mean.float(), stats
 
 
+@dataclass(frozen=True)
+class SampleRows:
+    """How the rows of one call of a site's Linear split into samples.
+
+    An activation ``[..., C]`` is read as ``[samples, steps, C]``; ``valid`` (bool
+    ``[samples, steps]``) marks the real rows, or is None when every row is real. This is the
+    one place that decides it, for the fused and the hook path alike: a module that sees only
+    some rows of each sample (experts of a mixture, fed the tokens their router picked) needs
+    its own rule here.
+    """
+
+    samples: int
+    steps: int
+    valid: Tensor | None
+
+    @classmethod
+    def of(cls, lead: torch.Size, batch: Batch | None, stream: str | None) -> SampleRows:
+        """For an activation whose leading (non-channel) shape is ``lead``."""
+        rows = lead.numel()
+        samples = batch.size if batch is not None else lead[0]
+        # Some models (OPT) flatten [B, T, H] to [B*T, H] around their FFN: fold the rows back
+        # per sample, so that S stays a per-sample mean and the padding mask applies.
+        if len(lead) == 2 or samples == 0 or rows % samples:
+            samples = lead[0]
+        steps = rows // samples if samples else 0
+        valid = batch.valid.get(stream) if batch is not None and stream else None
+        if valid is not None and tuple(valid.shape) != (samples, steps):
+            valid = None
+        return cls(samples, steps, valid)
+
+    def counts(self, device: torch.device) -> Tensor:
+        """The number of real rows of each sample."""
+        if self.valid is not None:
+            return self.valid.sum(1).to(device)
+        return torch.full((self.samples,), self.steps, device=device)
+
+
 class _Collector:
-    """Forward hooks that keep each site's activation and make it report its gradient."""
+    """Per-site running totals of one scoring run, fed batch by batch by one of two paths."""
 
     def __init__(self, sites: Sequence[Site], alpha: float, backend: str) -> None:
         self.sites = list(sites)
         self.alpha = alpha
         self.backend = backend
         self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
-        self.pending: dict[int, tuple[Site, Tensor]] = {}
         self.batch: Batch | None = None
-        self.handles = []
+        self.removers: list = []
 
     def __enter__(self) -> _Collector:
-        for site in self.sites:
-            if site.unit == "out":
-                hook = self._output_hook(site)
-                self.handles.append(site.module.register_forward_hook(hook))
-            else:
-                hook = self._input_hook(site)
-                self.handles.append(site.module.register_forward_pre_hook(hook))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        for remove in reversed(self.removers):
+            remove()
+        self.removers.clear()
+
+    def rows(self, site: Site, lead: torch.Size) -> SampleRows:
+        return SampleRows.of(lead, self.batch, site.stream)
+
+    def add(self, site: Site, sums: Tensor, rows: SampleRows) -> None:
+        self.totals[site.name].add(sums, rows.counts(sums.device))
+
+    def reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
+        """Score one activation and its gradient with the ``score_accumulate`` op."""
+        rows = self.rows(site, a.shape[:-1])
+        a3 = a.reshape(rows.samples, rows.steps, a.shape[-1])
+        g3 = g.reshape(a3.shape)
+        out = torch.zeros(rows.samples, 3, a.shape[-1], dtype=torch.float32, device=a.device)
+        ops.score_accumulate(a3, g3, self.alpha, out, rows.valid, backend=self.backend)
+        self.add(site, out, rows)
+
+    def finish_batch(self) -> None:
+        """Called after each batch's backward pass."""
+
+
+class _HookCollector(_Collector):
+    """The reference path: hooks keep each site's activation and make it report its gradient,
+    and ``score_accumulate`` reduces the pair."""
+
+    def __init__(self, sites: Sequence[Site], alpha: float, backend: str) -> None:
+        super().__init__(sites, alpha, backend)
+        self.pending: dict[int, tuple[Site, Tensor]] = {}
+
+    def __enter__(self) -> _HookCollector:
+        for site in self.sites:
+            if site.unit == "out":
+                handle = site.module.register_forward_hook(self._output_hook(site))
+            else:
+                handle = site.module.register_forward_pre_hook(self._input_hook(site))
+            self.removers.append(handle.remove)
+        return self
 
     def _watch(self, site: Site, a: Tensor) -> Tensor:
         # Parameters need no gradient, so the first site on the path may see an input that does
@@ -193,7 +267,7 @@ class _Collector:
 
         def on_grad(g: Tensor) -> None:
             self.pending.pop(key, None)
-            self._reduce(site, kept, g)
+            self.reduce(site, kept, g)
 
         a.register_hook(on_grad)
         return a
@@ -210,27 +284,88 @@ class _Collector:
 
         return hook
 
-    def _reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
-        # Some models (OPT) flatten [B, T, H] to [B*T, H] around their FFN: fold the rows back
-        # per sample, so that S stays a per-sample mean and the padding mask applies.
-        rows = self.batch.size if self.batch is not None else a.shape[0]
-        if a.dim() == 3 or a.numel() % (rows * a.shape[-1]):
-            rows = a.shape[0]
-        a3 = a if a.dim() == 3 else a.reshape(rows, -1, a.shape[-1])
-        g3 = g.reshape(a3.shape)
-        valid = self.batch.valid.get(site.stream) if site.stream else None
-        if valid is not None and tuple(valid.shape) != tuple(a3.shape[:2]):
-            valid = None
-        out = torch.zeros(a3.shape[0], 3, a3.shape[2], dtype=torch.float32, device=a.device)
-        ops.score_accumulate(a3, g3, self.alpha, out, valid, backend=self.backend)
-        counts = valid.sum(1) if valid is not None else torch.full((a3.shape[0],), a3.shape[1])
-        self.totals[site.name].add(out, counts.to(out.device))
-
     def finish_batch(self) -> None:
         """Sites whose activation got no gradient (unused by the loss) count with g = 0."""
         for site, a in list(self.pending.values()):
-            self._reduce(site, a, torch.zeros_like(a))
+            self.reduce(site, a, torch.zeros_like(a))
         self.pending.clear()
+
+
+@dataclass(eq=False)
+class _Call:
+    """One call of a routed site: its sink, and its activation until a gradient reaches it."""
+
+    site: Site
+    rows: SampleRows
+    sink: ops.ScoreSink
+    activation: Tensor | None = None
+
+
+class _SiteSinks:
+    """The sink source of one site on the fused path (see :class:`canfast.mask.SinkSource`)."""
+
+    def __init__(self, collector: _FusedCollector, site: Site) -> None:
+        self.collector = collector
+        self.site = site
+
+    def open(self, x: Tensor) -> ops.ScoreSink:
+        rows = self.collector.rows(self.site, x.shape[:-1])
+        channels = self.site.channels
+        out = torch.zeros(rows.samples, 3, channels, dtype=torch.float32, device=x.device)
+        sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.site.unit)
+        self.collector.calls.append(_Call(self.site, rows, sink))
+        return sink
+
+    def opened(self, x: Tensor, y: Tensor, sink: ops.ScoreSink) -> None:
+        call = self.collector.calls[-1]
+        # Kept only for a call whose output the loss never uses, scored then with g = 0 (as the
+        # hook path does); dropped as soon as the gradient arrives, so the backward frees it.
+        call.activation = (y if self.site.unit == "out" else x).detach()
+
+        def arrived(grad: Tensor) -> None:
+            call.activation = None
+
+        y.register_hook(arrived)
+
+
+class _FusedCollector(_Collector):
+    """The fused path: each site's Linear runs through ``masked_linear`` with a score sink, so
+    the backward pass computes the CAN sums while it computes ``dL/dx``."""
+
+    def __init__(self, sites: Sequence[Site], alpha: float, backend: str) -> None:
+        super().__init__(sites, alpha, backend)
+        self.calls: list[_Call] = []
+
+    def __enter__(self) -> _FusedCollector:
+        try:
+            for site in self.sites:
+                layer = RouteLayer(sinks=_SiteSinks(self, site), backend=self.backend)
+                self.removers.append(route(site, layer))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def finish_batch(self) -> None:
+        for call in self.calls:
+            if call.activation is not None:
+                self.reduce(call.site, call.activation, torch.zeros_like(call.activation))
+            else:
+                self.add(call.site, call.sink.out, call.rows)
+        self.calls.clear()
+
+
+PATHS = ("auto", "fused", "hooks")
+
+
+def _collector_class(path: str, backend: str, model: Model) -> type[_Collector]:
+    """``auto``: fused where a compiled backend runs, the hook reference on the torch one."""
+    if path not in PATHS:
+        raise BadInput(f"unknown scoring path {path!r}; choose one of {', '.join(PATHS)}")
+    if path == "auto":
+        compiled = model.dtype in ops.KERNEL_DTYPES and ops.resolve(backend, model.device.type)
+        path = "fused" if compiled not in (False, "torch") else "hooks"
+    return _FusedCollector if path == "fused" else _HookCollector
 
 
 def score(
@@ -247,13 +382,19 @@ def score(
     objective: Objective | None = None,
     backend: str = "auto",
     progress: bool = True,
+    path: str = "auto",
 ) -> Scores:
     """CAN scores of every neuron of the chosen sites (all FFN sites by default).
 
     ``targets="self"`` scores the model's own greedy answers; ``"given"`` the data's targets.
     ``objective`` replaces the default per-sample NLL with any ``(outputs, batch) -> [B]``.
+    ``path``: ``"fused"`` computes the scores inside the backward pass of each site's Linear
+    (routed through ``canfast.ops.masked_linear``); ``"hooks"`` collects activations and
+    gradients with hooks and reduces them with ``score_accumulate`` (the reference); ``"auto"``
+    takes the fused path on the cpp and triton backends.
     """
     alpha = check_alpha(alpha)
+    collector_class = _collector_class(path, backend, model)
     chosen = model.sites(unit, sites, components, kinds)
     if not samples:
         raise BadInput("no samples to score")
@@ -263,7 +404,7 @@ def score(
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
     try:
-        with _Collector(chosen, alpha, backend) as collector, torch.enable_grad():
+        with collector_class(chosen, alpha, backend) as collector, torch.enable_grad():
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
             for chunk in batches(samples, batch_size):
                 batch = model.encode(chunk).to(model.device)

@@ -90,12 +90,9 @@ constexpr int64_t kMaxChunk = 8192;
 
 // A chunk's partial sums padded to whole pairs of the widest vector (2 x 16 floats).
 inline int64_t padded_chunk(int64_t chunk) { return (chunk + 31) / 32 * 32; }
-// fp32 scratch each thread needs: two levels of partial sums, for 3 (score) or 1 (stats) rows.
+// fp32 scratch each thread of the score needs: two levels of partial sums for its 3 rows.
 inline int64_t score_scratch_per_thread(int64_t C) {
   return 6 * padded_chunk(C < kMaxChunk ? C : kMaxChunk);
-}
-inline int64_t epilogue_scratch_per_thread(int64_t N) {
-  return 2 * padded_chunk(N < kMaxChunk ? N : kMaxChunk);
 }
 
 // score_accumulate: out[b, k, c] += sum over valid t of
@@ -115,22 +112,12 @@ struct ScoreArgs {
   float alpha;
   int threads;
   float* scratch;  // threads * score_scratch_per_thread(C) floats
+  // Optional, float [M, C] contiguous: g (then writable) is first multiplied in place by row
+  // (b * T + t) / (B * T / M) of it, also on rows that valid leaves out, and scored masked.
+  const float* g_mask;
+  int64_t g_mask_M;
 };
 
-// In place on y [R, N] (unit column stride): y *= mask[r / (R / M)]; then
-// stats[c] += sum_r |y[r, c]| of the stored (rounded) values. mask (float [M, N], row stride
-// mask_rs) or stats (float [N]) may be null. The bias is not here: BLAS adds it (addmm) before
-// its single rounding, exactly as nn.functional.linear does.
-struct EpilogueArgs {
-  void* y;
-  DType dtype;
-  int64_t R, N, y_rs;
-  const float* mask;
-  int64_t M, mask_rs;
-  float* stats;
-  int threads;
-  float* scratch;  // threads * epilogue_scratch_per_thread(N) floats, when stats is set
-};
 
 // dst[r, c] = src[r, c] * mask[r / (R / M), c]; src may equal dst.
 struct RowMaskArgs {
@@ -161,7 +148,6 @@ struct AblateArgs {
 struct KernelTable {
   const char* isa;
   void (*score)(const ScoreArgs&);
-  void (*epilogue)(const EpilogueArgs&);
   void (*row_mask)(const RowMaskArgs&);
   void (*ablate)(const AblateArgs&);
 };

@@ -47,7 +47,7 @@ using V = VecAVX2;
 
 namespace canfast {
 const KernelTable* kernels_avx2() {
-  static const KernelTable table{"avx2", score_kernel, epilogue_kernel, row_mask_kernel,
+  static const KernelTable table{"avx2", score_kernel, row_mask_kernel,
                                  ablate_kernel};
   return &table;
 }

@@ -47,7 +47,7 @@ using V = VecAVX512;
 
 namespace canfast {
 const KernelTable* kernels_avx512() {
-  static const KernelTable table{"avx512", score_kernel, epilogue_kernel, row_mask_kernel,
+  static const KernelTable table{"avx512", score_kernel, row_mask_kernel,
                                  ablate_kernel};
   return &table;
 }

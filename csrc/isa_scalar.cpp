@@ -22,7 +22,7 @@ using V = VecScalar;
 }  // namespace
 
 const KernelTable* kernels_scalar() {
-  static const KernelTable table{"scalar", score_kernel, epilogue_kernel, row_mask_kernel,
+  static const KernelTable table{"scalar", score_kernel, row_mask_kernel,
                                  ablate_kernel};
   return &table;
 }

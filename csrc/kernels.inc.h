@@ -2,8 +2,7 @@
 // instruction set by isa_*.cpp, which define `V` and include this file inside an anonymous
 // namespace (and their target region). Not a standalone header: no includes, no include guard.
 //
-// Parallel layout shared by the two reductions (score and the |y| statistics): work items are
-// (group, channel chunk, row block). A chunk's partial sums live in a per-thread fp32 scratch
+// Parallel layout of the score reduction: work items are (sample, channel chunk, row block). A chunk's partial sums live in a per-thread fp32 scratch
 // buffer (L1/L2) while the rows stream past, so each input byte is read once, by one thread, in
 // long contiguous runs, and the output is touched once per item.
 
@@ -78,13 +77,28 @@ static inline typename V::reg weight_of(typename V::reg ag, typename V::reg alph
   return ag;  // kAlphaOne; kAlphaZero never asks
 }
 
+// Stores 2W channels (`lanes` of them real) from two vectors.
+template <class S>
+static inline void store_pair(S* p, int lanes, typename V::reg lo, typename V::reg hi) {
+  if (lanes >= V::W) {
+    V::store(p, lo);
+  } else {
+    V::store_n(p, lo, lanes);
+  }
+  if (lanes >= 2 * V::W) {
+    V::store(p + V::W, hi);
+  } else if (lanes > V::W) {
+    V::store_n(p + V::W, hi, lanes - V::W);
+  }
+}
+
 // Sums NR rows (pointers pa[k], pg[k], k < NR) into the three chunk buffers at channel c, 2W
 // channels (`lanes` of them real) at a time. Loading the buffers once per NR rows rather than
 // per row keeps their traffic well below the input stream, and NR independent rows keep
 // several cache misses in flight. Buffers are padded to whole pairs, so their loads are full.
-template <class S, int MODE, int NR, bool FULL>
-static inline void score_rows(const S* const* pa, const S* const* pg, int64_t c, int lanes,
-                              float* s0, float* s1, float* s2, typename V::reg alpha) {
+template <class S, int MODE, int NR, bool FULL, bool MASKED>
+static inline void score_rows(const S* const* pa, S* const* pg, const float* const* pm, int64_t c,
+                              int lanes, float* s0, float* s1, float* s2, typename V::reg alpha) {
   using reg = typename V::reg;
   reg w_lo = V::load(s0 + c), w_hi = V::load(s0 + c + V::W);
   reg a_lo = V::load(s1 + c), a_hi = V::load(s1 + c + V::W);
@@ -97,6 +111,19 @@ static inline void score_rows(const S* const* pa, const S* const* pg, int64_t c,
     } else {
       V::load_pair_n(pa[k] + c, lanes, xa_lo, xa_hi);
       V::load_pair_n(pg[k] + c, lanes, xg_lo, xg_hi);
+    }
+    if (MASKED) {
+      // The gradient's own mask (dL/dx of a masked input), applied and written back in the
+      // same pass that scores it.
+      reg m_lo, m_hi;
+      if (FULL) {
+        V::load_pair(pm[k] + c, m_lo, m_hi);
+      } else {
+        V::load_pair_n(pm[k] + c, lanes, m_lo, m_hi);
+      }
+      xg_lo = V::mul(xg_lo, m_lo);
+      xg_hi = V::mul(xg_hi, m_hi);
+      store_pair(pg[k] + c, lanes, xg_lo, xg_hi);
     }
     xa_lo = V::abs(xa_lo);
     xa_hi = V::abs(xa_hi);
@@ -121,18 +148,29 @@ static inline void score_rows(const S* const* pa, const S* const* pg, int64_t c,
   V::store(s2 + c + V::W, g_hi);
 }
 
-template <class S, int MODE, int NR>
-static void score_group(const S* const* pa, const S* const* pg, int64_t n, float* s0, float* s1,
-                        float* s2, typename V::reg alpha) {
+template <class S, int MODE, int NR, bool MASKED>
+static void score_group(const S* const* pa, S* const* pg, const float* const* pm, int64_t n,
+                        float* s0, float* s1, float* s2, typename V::reg alpha) {
   constexpr int64_t step = 2 * V::W;
   int64_t c = 0;
   for (; c + step <= n; c += step) {
-    score_rows<S, MODE, NR, true>(pa, pg, c, int(step), s0, s1, s2, alpha);
+    score_rows<S, MODE, NR, true, MASKED>(pa, pg, pm, c, int(step), s0, s1, s2, alpha);
   }
-  if (c < n) score_rows<S, MODE, NR, false>(pa, pg, c, int(n - c), s0, s1, s2, alpha);
+  if (c < n) score_rows<S, MODE, NR, false, MASKED>(pa, pg, pm, c, int(n - c), s0, s1, s2, alpha);
 }
 
-template <class S, int MODE>
+// g[0:n] *= mask[0:n], for a padding row that is masked but not scored.
+template <class S>
+static void mask_run(S* g, const float* mask, int64_t n) {
+  int64_t c = 0;
+  for (; c + V::W <= n; c += V::W) V::store(g + c, V::mul(V::load(g + c), V::load(mask + c)));
+  if (c < n) {
+    const int lanes = int(n - c);
+    V::store_n(g + c, V::mul(V::load_n(g + c, lanes), V::load_n(mask + c, lanes)), lanes);
+  }
+}
+
+template <class S, int MODE, bool MASKED>
 static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t ci, int64_t rb,
                        float* scratch) {
   const int64_t c0 = ci * plan.chunk;
@@ -142,7 +180,9 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
   const int64_t t_begin = rb * plan.rows;
   const int64_t t_end = (t_begin + plan.rows) < p.T ? (t_begin + plan.rows) : p.T;
   const S* a = static_cast<const S*>(p.a) + b * p.a_sb + c0;
-  const S* g = static_cast<const S*>(p.g) + b * p.g_sb + c0;
+  // Written only when MASKED (the caller then owns g, see ScoreArgs).
+  S* g = static_cast<S*>(const_cast<void*>(p.g)) + b * p.g_sb + c0;
+  const int64_t rows_per_mask = MASKED ? p.B * p.T / p.g_mask_M : 1;
   const typename V::reg alpha = V::set1(p.alpha);
 
   // Two levels: `blk` sums at most kRowsPerFlush rows, `tot` sums the blocks, so a long
@@ -156,25 +196,31 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
     for (int k = 0; k < 3; ++k) zero_floats(blk[k], padded);
     int64_t picked = 0;
     const S* pa[4];
-    const S* pg[4];
+    S* pg[4];
+    const float* pm[4] = {nullptr, nullptr, nullptr, nullptr};
     int used = 0;
     while (t < t_end && picked < kRowsPerFlush) {
       const bool keep = p.valid == nullptr || p.valid[b * p.v_sb + t * p.v_st] != 0;
+      const float* mask =
+          MASKED ? p.g_mask + ((b * p.T + t) / rows_per_mask) * p.C + c0 : nullptr;
       if (keep) {
         pa[used] = a + t * p.a_st;
         pg[used] = g + t * p.g_st;
+        pm[used] = mask;
         ++used;
         ++picked;
         if (used == 4) {
-          score_group<S, MODE, 4>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
+          score_group<S, MODE, 4, MASKED>(pa, pg, pm, n, blk[0], blk[1], blk[2], alpha);
           used = 0;
         }
+      } else if (MASKED) {
+        mask_run<S>(g + t * p.g_st, mask, n);
       }
       ++t;
     }
-    if (used == 3) score_group<S, MODE, 3>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
-    if (used == 2) score_group<S, MODE, 2>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
-    if (used == 1) score_group<S, MODE, 1>(pa, pg, n, blk[0], blk[1], blk[2], alpha);
+    if (used == 3) score_group<S, MODE, 3, MASKED>(pa, pg, pm, n, blk[0], blk[1], blk[2], alpha);
+    if (used == 2) score_group<S, MODE, 2, MASKED>(pa, pg, pm, n, blk[0], blk[1], blk[2], alpha);
+    if (used == 1) score_group<S, MODE, 1, MASKED>(pa, pg, pm, n, blk[0], blk[1], blk[2], alpha);
     if (picked == 0) break;
     for (int k = 0; k < 3; ++k) add_into(tot[k], blk[k], padded, false);
   }
@@ -187,7 +233,7 @@ static void score_item(const ScoreArgs& p, const Plan& plan, int64_t b, int64_t 
   add_into(out + 2 * p.o_sk, tot[2], n, atomic);
 }
 
-template <class S, int MODE>
+template <class S, int MODE, bool MASKED>
 static void score_typed(const ScoreArgs& p) {
   const Plan plan = make_plan(p.B, p.T, p.C, p.threads);
   const int64_t per_b = plan.n_chunks * plan.n_rblocks;
@@ -201,17 +247,23 @@ static void score_typed(const ScoreArgs& p) {
       const int64_t b = it / per_b;
       const int64_t ci = (it % per_b) / plan.n_rblocks;
       const int64_t rb = it % plan.n_rblocks;
-      score_item<S, MODE>(p, plan, b, ci, rb, scratch);
+      score_item<S, MODE, MASKED>(p, plan, b, ci, rb, scratch);
     }
   }
 }
 
+template <class S, bool MASKED>
+static void score_masked(const ScoreArgs& p) {
+  if (p.alpha == 0.0f) return score_typed<S, kAlphaZero, MASKED>(p);
+  if (p.alpha == 0.5f) return score_typed<S, kAlphaHalf, MASKED>(p);
+  if (p.alpha == 1.0f) return score_typed<S, kAlphaOne, MASKED>(p);
+  return score_typed<S, kAlphaAny, MASKED>(p);
+}
+
 template <class S>
 static void score_dtype(const ScoreArgs& p) {
-  if (p.alpha == 0.0f) return score_typed<S, kAlphaZero>(p);
-  if (p.alpha == 0.5f) return score_typed<S, kAlphaHalf>(p);
-  if (p.alpha == 1.0f) return score_typed<S, kAlphaOne>(p);
-  return score_typed<S, kAlphaAny>(p);
+  if (p.g_mask != nullptr) return score_masked<S, true>(p);
+  return score_masked<S, false>(p);
 }
 
 static void score_kernel(const ScoreArgs& p) {
@@ -220,74 +272,6 @@ static void score_kernel(const ScoreArgs& p) {
     case DType::f32: return score_dtype<float>(p);
     case DType::bf16: return score_dtype<bf16>(p);
     case DType::f16: return score_dtype<f16>(p);
-  }
-}
-
-// ------------------------------------------------------------------------------------------
-// masked_linear epilogue: output mask and the |y| column sums in one pass over y.
-
-template <class S>
-static inline void epilogue_vec(S* row, const float* mask, float* st, int64_t c, int lanes) {
-  const bool full = lanes == V::W;
-  if (mask) {
-    typename V::reg v = full ? V::load(row + c) : V::load_n(row + c, lanes);
-    v = V::mul(v, full ? V::load(mask + c) : V::load_n(mask + c, lanes));
-    if (full) {
-      V::store(row + c, v);
-    } else {
-      V::store_n(row + c, v, lanes);
-    }
-  }
-  if (st) {
-    // Sum what was stored (rounded to the storage type), as the reference sums y itself.
-    const typename V::reg stored = full ? V::load(row + c) : V::load_n(row + c, lanes);
-    const typename V::reg acc = full ? V::load(st + c) : V::load_n(st + c, lanes);
-    if (full) {
-      V::store(st + c, V::add(acc, V::abs(stored)));
-    } else {
-      V::store_n(st + c, V::add(acc, V::abs(stored)), lanes);
-    }
-  }
-}
-
-template <class S>
-static void epilogue_typed(const EpilogueArgs& p) {
-  const Plan plan = make_plan(1, p.R, p.N, p.threads);
-  const int64_t items = plan.n_chunks * plan.n_rblocks;
-  const int64_t rows_per_mask = p.mask ? p.R / p.M : 1;
-#pragma omp parallel for num_threads(p.threads) schedule(static)
-  for (int64_t it = 0; it < items; ++it) {
-    const int64_t c0 = (it / plan.n_rblocks) * plan.chunk;
-    const int64_t n = (p.N - c0) < plan.chunk ? (p.N - c0) : plan.chunk;
-    const int64_t r_begin = (it % plan.n_rblocks) * plan.rows;
-    const int64_t r_end = (r_begin + plan.rows) < p.R ? (r_begin + plan.rows) : p.R;
-    // Scratch exists only when there are statistics to sum.
-    float* st = p.stats ? p.scratch + omp_get_thread_num() * epilogue_scratch_per_thread(p.N) : nullptr;
-    float* blk = st;
-    float* tot = st ? st + padded_chunk(plan.chunk) : nullptr;
-    if (st) zero_floats(tot, n);
-    for (int64_t r0 = r_begin; r0 < r_end; r0 += kRowsPerFlush) {
-      const int64_t r1 = (r0 + kRowsPerFlush) < r_end ? (r0 + kRowsPerFlush) : r_end;
-      if (st) zero_floats(blk, n);
-      for (int64_t r = r0; r < r1; ++r) {
-        S* row = static_cast<S*>(p.y) + r * p.y_rs + c0;
-        const float* mask = p.mask ? p.mask + (r / rows_per_mask) * p.mask_rs + c0 : nullptr;
-        int64_t c = 0;
-        for (; c + V::W <= n; c += V::W) epilogue_vec<S>(row, mask, st, c, V::W);
-        if (c < n) epilogue_vec<S>(row, mask, st, c, int(n - c));
-      }
-      if (st) add_into(tot, blk, n, false);
-    }
-    if (st) add_into(p.stats + c0, tot, n, plan.n_rblocks > 1);
-  }
-}
-
-static void epilogue_kernel(const EpilogueArgs& p) {
-  if (p.R == 0 || p.N == 0) return;
-  switch (p.dtype) {
-    case DType::f32: return epilogue_typed<float>(p);
-    case DType::bf16: return epilogue_typed<bf16>(p);
-    case DType::f16: return epilogue_typed<f16>(p);
   }
 }
 

@@ -132,6 +132,12 @@ void row_stride(const char* name, int64_t stride, int64_t rows, int64_t run, boo
   }
 }
 
+// A mask of M rows applies to R rows in M equal blocks.
+void mask_blocks(int64_t R, int64_t M) {
+  if (M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(M));
+  if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
+}
+
 int thread_count(int threads) {
   if (threads < 0) bad("threads must be >= 0 (0: OpenMP's default)");
 #ifdef _OPENMP
@@ -148,7 +154,7 @@ int thread_count(int threads) {
 void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T, int64_t C,
                       int64_t a_sb, int64_t a_st, int64_t g_sb, int64_t g_st, uintptr_t valid,
                       int64_t v_sb, int64_t v_st, uintptr_t out, int64_t o_sb, int64_t o_sk,
-                      double alpha, int threads) {
+                      double alpha, int threads, uintptr_t g_mask, int64_t g_mask_M) {
   ScoreArgs p{};
   p.dtype = dtype_of(dtype);
   nonneg("B", B);
@@ -166,6 +172,15 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   row_stride("out row stride", o_sk, 3, C, true);
   row_stride("out batch stride", o_sb, B, 3 * o_sk, true);
   if (!(alpha >= 0.0 && alpha <= 1.0)) bad("alpha must lie in [0, 1], got " + std::to_string(alpha));
+  if (g_mask) {
+    mask_blocks(B * T, g_mask_M);
+    pointer("g_mask", g_mask, 4, product({g_mask_M, C}));
+    // g is written: its rows must not overlap.
+    row_stride("g time stride", g_st, T, C, true);
+    row_stride("g batch stride", g_sb, B, T > 1 ? g_st * T : C, true);
+  }
+  p.g_mask = reinterpret_cast<const float*>(g_mask);
+  p.g_mask_M = g_mask ? g_mask_M : 1;
   p.a = reinterpret_cast<const void*>(a);
   p.g = reinterpret_cast<const void*>(g);
   p.B = B;
@@ -190,38 +205,6 @@ void score_accumulate(uintptr_t a, uintptr_t g, int dtype, int64_t B, int64_t T,
   k->score(p);
 }
 
-void linear_epilogue(uintptr_t y, int dtype, int64_t R, int64_t N, int64_t y_rs, uintptr_t mask, int64_t M, int64_t mask_rs, uintptr_t stats, int threads) {
-  EpilogueArgs p{};
-  p.dtype = dtype_of(dtype);
-  nonneg("R", R);
-  nonneg("N", N);
-  const int64_t numel = product({R, N});
-  pointer("y", y, elem_size(p.dtype), numel);
-  row_stride("y row stride", y_rs, R, N, true);
-  if (numel > 0 && stats) pointer("stats", stats, 4, N);
-  if (mask) {
-    if (M < 1) bad("a mask needs M >= 1 blocks, got " + std::to_string(M));
-    if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
-    row_stride("mask row stride", mask_rs, M, N, false);
-    pointer("mask", mask, 4, product({M, N}));
-  }
-  p.y = reinterpret_cast<void*>(y);
-  p.R = R;
-  p.N = N;
-  p.y_rs = y_rs;
-  p.mask = reinterpret_cast<const float*>(mask);
-  p.M = mask ? M : 1;
-  p.mask_rs = mask_rs;
-  p.stats = reinterpret_cast<float*>(stats);
-  p.threads = thread_count(threads);
-  if (p.mask == nullptr && p.stats == nullptr) return;
-  std::vector<float> scratch(p.stats ? static_cast<size_t>(p.threads * epilogue_scratch_per_thread(N)) : 0);
-  p.scratch = scratch.data();
-  const KernelTable* k = g_table;
-  py::gil_scoped_release release;
-  k->epilogue(p);
-}
-
 void row_mask(uintptr_t src, uintptr_t dst, int dtype, int64_t R, int64_t K, int64_t src_rs,
               int64_t dst_rs, uintptr_t mask, int64_t M, int64_t mask_rs, int threads) {
   RowMaskArgs p{};
@@ -234,8 +217,7 @@ void row_mask(uintptr_t src, uintptr_t dst, int dtype, int64_t R, int64_t K, int
   pointer("dst", dst, es, numel);
   row_stride("src row stride", src_rs, R, K, false);
   row_stride("dst row stride", dst_rs, R, K, true);
-  if (M < 1) bad("the mask needs M >= 1 blocks, got " + std::to_string(M));
-  if (R % M != 0) bad(std::to_string(R) + " rows do not split into " + std::to_string(M) + " mask blocks");
+  mask_blocks(R, M);
   row_stride("mask row stride", mask_rs, M, K, false);
   if (numel > 0) pointer("mask", mask, 4, product({M, K}));
   p.src = reinterpret_cast<const void*>(src);
@@ -329,11 +311,9 @@ PYBIND11_MODULE(_C, m) {
         py::arg("B"), py::arg("T"), py::arg("C"), py::arg("a_sb"), py::arg("a_st"),
         py::arg("g_sb"), py::arg("g_st"), py::arg("valid"), py::arg("v_sb"), py::arg("v_st"),
         py::arg("out"), py::arg("o_sb"), py::arg("o_sk"), py::arg("alpha"), py::arg("threads"),
-        "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2).");
-  m.def("linear_epilogue", &linear_epilogue, py::arg("y"), py::arg("dtype"), py::arg("R"),
-        py::arg("N"), py::arg("y_rs"), py::arg("mask"), py::arg("M"),
-        py::arg("mask_rs"), py::arg("stats"), py::arg("threads"),
-        "In place: y *= mask[row block]; stats += column sums of |y|.");
+        py::arg("g_mask") = 0, py::arg("g_mask_M") = 1,
+        "out[b, k, c] += sums over valid t of |g|^alpha |a|, |a|, |g| (k = 0, 1, 2); with "
+        "g_mask, g *= g_mask[row block] in place first (every row), and the masked g is scored.");
   m.def("row_mask", &row_mask, py::arg("src"), py::arg("dst"), py::arg("dtype"), py::arg("R"),
         py::arg("K"), py::arg("src_rs"), py::arg("dst_rs"), py::arg("mask"), py::arg("M"),
         py::arg("mask_rs"), py::arg("threads"), "dst = src * mask[row block] (src may be dst).");

@@ -1,4 +1,4 @@
-"""Helpers shared by the Triton kernels: interpreter detection, config lists, device checks."""
+"""Helpers shared by the Triton kernels: interpreter detection, config lists, dot settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import os
 import torch
 import triton
 import triton.language as tl
-from torch import Tensor
 
 # Read once at import, like Triton itself: `triton.jit` decides between compiling and interpreting
 # when the kernel is defined, so the config choice must follow the same moment.
@@ -29,33 +28,6 @@ def configs(cuda: list[triton.Config], interpreter: triton.Config) -> list[trito
 def size_bucket(n: int) -> int:
     """``n`` rounded up to a power of two: an autotune key that does not re-tune per length."""
     return 1 << max(n - 1, 0).bit_length()
-
-
-def check_tensors(op: str, *tensors: Tensor | None) -> torch.device:
-    """Raise unless the given tensors share one device that Triton can run on; return it."""
-    present = [t for t in tensors if t is not None]
-    device = present[0].device
-    for t in present[1:]:
-        if t.device != device:
-            raise ValueError(f"{op}: tensors on {device} and {t.device}; put them on one device")
-    if device.type != "cuda" and not INTERPRET:
-        raise ValueError(
-            f"{op}: the triton backend needs CUDA tensors (got {device}); "
-            "set TRITON_INTERPRET=1 to run it on the CPU"
-        )
-    return device
-
-
-def check_dtypes(op: str, *tensors: Tensor | None) -> torch.dtype:
-    """Raise unless the given tensors share one dtype the kernels compute in; return it."""
-    present = [t for t in tensors if t is not None]
-    dtype = present[0].dtype
-    if dtype not in _TL_DTYPES:
-        raise ValueError(f"{op}: unsupported dtype {dtype}; use float32, bfloat16 or float16")
-    for t in present[1:]:
-        if t.dtype != dtype:
-            raise ValueError(f"{op}: mixed dtypes {dtype} and {t.dtype}")
-    return dtype
 
 
 def multiprocessor_count(device: torch.device) -> int:

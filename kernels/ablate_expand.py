@@ -16,15 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._aot import AotSpec, Variant
-from ._common import (
-    MAX_GRID_AXIS,
-    check_dtypes,
-    check_tensors,
-    configs,
-    multiprocessor_count,
-    prune_by_resources,
-    size_bucket,
-)
+from ._common import MAX_GRID_AXIS, configs, multiprocessor_count, prune_by_resources, size_bucket
 
 # Enough programs to keep every multiprocessor busy when y has few tiles (one position in a
 # scan); beyond that, more copy groups only reload the same tile.
@@ -101,13 +93,10 @@ def _ablate_expand_kernel(
     for i in range(first, last):
         j = tl.load(neurons_ptr + i)
         if UNIT_MID:
-            # Negative indices count from the end, as in torch indexing.
-            j = tl.where(j < 0, j + K, j)
             m = tl.load(mid_ptr + rows64 * stride_mp + j * stride_mk, mask=row_ok, other=0.0)
             w = tl.load(w_ptr + cols * stride_wn + j * stride_wk, mask=col_ok, other=0.0)
             copy = tile - m.to(tl.float32)[:, None] * w.to(tl.float32)[None, :]
         else:
-            j = tl.where(j < 0, j + N, j)
             copy = tl.where(cols[None, :] == j, 0.0, tile)
         tl.store(out_copy, copy.to(out_ptr.dtype.element_ty), mask=ok)
         out_copy += stride_oi
@@ -151,50 +140,18 @@ AOT = AotSpec(
 def ablate_expand(
     y: Tensor, neurons: Tensor, mid: Tensor | None = None, weight: Tensor | None = None
 ) -> Tensor:
-    """Return ``[n, *y.shape]``: copy ``i`` is ``y`` with neuron ``neurons[i]`` removed.
+    """Return ``[n, R, N]``: copy ``i`` is ``y`` (``[R, N]``) with neuron ``neurons[i]`` removed.
 
     Unit ``out`` (``mid`` is None): channel ``neurons[i]`` of ``y`` is zeroed. Unit ``mid``:
-    ``y`` is a down projection's output ``[..., N]``, ``mid`` its input ``[..., K]`` and
-    ``weight`` its ``[N, K]`` matrix (any strides); copy ``i`` is
-    ``y - mid[..., j] * weight[:, j]``, computed in float32.
+    ``mid`` ``[R, K]`` and ``weight`` ``[N, K]`` (any strides); copy ``i`` is
+    ``y - mid[:, j] * weight[:, j]``, computed in float32.
     """
-    if y.dim() == 0:
-        raise ValueError("y must have a channel dimension")
-    if neurons.dim() != 1 or neurons.dtype.is_floating_point or neurons.dtype == torch.bool:
-        raise ValueError(
-            f"neurons must be 1-D integers, got {neurons.dtype} {tuple(neurons.shape)}"
-        )
-    channels = y.shape[-1]
+    positions, channels = y.shape
     unit_mid = mid is not None
-    if unit_mid:
-        if weight is None or weight.dim() != 2 or mid.dim() != y.dim():
-            raise ValueError("unit mid needs mid [..., K] shaped like y and weight [N, K]")
-        if mid.shape[:-1] != y.shape[:-1] or weight.shape != (channels, mid.shape[-1]):
-            raise ValueError(
-                f"y {tuple(y.shape)}, mid {tuple(mid.shape)} and weight {tuple(weight.shape)} "
-                "do not match (y [..., N], mid [..., K], weight [N, K])"
-            )
-    # torch indexing takes CPU indices for CUDA tensors; the kernel reads them contiguously.
-    neurons = neurons.to(y.device).contiguous()
-    check_tensors("ablate_expand", y, neurons, mid, weight)
-    check_dtypes("ablate_expand", y, mid, weight)
     n_copies = neurons.shape[0]
-    out = torch.empty(n_copies, *y.shape, dtype=y.dtype, device=y.device)
-    positions = y.shape[:-1].numel()
-    if n_copies == 0 or out.numel() == 0:
+    out = torch.empty(n_copies, positions, channels, dtype=y.dtype, device=y.device)
+    if out.numel() == 0:
         return out
-
-    # An index out of range would read (unit mid) or silently miss (unit out) memory in the
-    # kernel; torch raises IndexError, and so do we. This one host sync is small next to the
-    # n copies of y the op writes.
-    limit = mid.shape[-1] if unit_mid else channels
-    low, high = (int(v) for v in torch.aminmax(neurons))
-    if low < -limit or high >= limit:
-        raise IndexError(f"neuron index out of range for {limit} channels: [{low}, {high}]")
-
-    y2 = y.reshape(positions, channels)
-    mid2 = mid.reshape(positions, mid.shape[-1]) if unit_mid else None
-    out3 = out.view(n_copies, positions, channels)
     target = _PROGRAMS_PER_MULTIPROCESSOR * multiprocessor_count(y.device)
 
     def grid(meta: dict) -> tuple[int, int]:
@@ -203,20 +160,20 @@ def ablate_expand(
         return tiles, groups
 
     _ablate_expand_kernel[grid](
-        y2,
+        y,
         neurons,
-        mid2,
+        mid,
         weight,
-        out3,
+        out,
         positions,
         channels,
         mid.shape[-1] if unit_mid else 0,
         n_copies,
         size_bucket(positions),
-        *y2.stride(),
-        *(mid2.stride() if unit_mid else (0, 0)),
+        *y.stride(),
+        *(mid.stride() if unit_mid else (0, 0)),
         *(weight.stride() if unit_mid else (0, 0)),
-        *out3.stride(),
+        *out.stride(),
         UNIT_MID=unit_mid,
     )
     return out

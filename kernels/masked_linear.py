@@ -1,18 +1,18 @@
-"""Masked linear layer: ``y = ((x * in_mask) @ W.T + b) * out_mask``, with ``sum |y|`` on the side.
+"""Masked linear layer: ``y = ((x * in_mask) @ W.T + b) * out_mask``, and its backward with the
+unit-``mid`` CAN score in its epilogue.
 
 One tiled matmul kernel serves both directions. The input mask is applied to each ``x`` tile as
-it is loaded, and bias, output mask and the per-channel ``sum |y|`` (atomic adds) are fused into
-the epilogue, so masking costs no extra pass over memory. The backward is the same kernel:
-``dL/dx = ((g * out_mask) @ W) * in_mask`` is a masked linear layer with the weight transposed (a
-stride swap, no copy) and the two masks exchanged.
+it is loaded, and bias and output mask are fused into the epilogue, so masking costs no extra
+pass over memory. The backward is the same kernel: ``dL/dx = ((g * out_mask) @ W) * in_mask`` is
+a masked linear layer with the weight transposed (a stride swap, no copy) and the two masks
+exchanged. When it scores unit ``mid``, the epilogue also reads the matching tile of ``x`` and
+adds the per-sample sums of ``|dL/dx|**alpha * |x|``, ``|x|`` and ``|dL/dx|`` to the score with
+atomic adds (a row tile may hold the end of one sample and the start of the next), so scoring
+writes no copy of ``x`` or ``dL/dx``.
 
-Masks are ``[C]`` (one for every row) or ``[M, C]``: a batch of masks, the rows of ``x`` (its
-first dimension) split into ``M`` equal blocks. Because the blocks are contiguous along the first
-dimension, they stay contiguous once the leading dimensions are flattened, so the kernel only
-needs the number of flattened rows per block.
-
-``W`` is in ``nn.Linear`` layout ``[N, K]`` with any strides, so a GPT-2 ``Conv1D`` weight
-(``[K, N]``) is passed as ``weight.t()`` without a copy.
+Masks are ``[M, C]``: the rows split into ``M`` equal blocks, block ``m`` using mask row ``m``
+(``M = 1``: one mask for every row). ``W`` is in ``nn.Linear`` layout ``[N, K]`` with any
+strides, so a GPT-2 ``Conv1D`` weight (``[K, N]``) is passed as ``weight.t()`` without a copy.
 """
 
 from __future__ import annotations
@@ -21,21 +21,12 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.autograd.function import FunctionCtx, once_differentiable
 
-from canfast.ops.sink import ScoreSink, needs_graph
+from canfast.ops.registry import ScoreFeed
 
 from ._aot import AotSpec, Variant
-from ._common import (
-    check_dtypes,
-    check_tensors,
-    configs,
-    dot_dtype,
-    dot_precision,
-    prune_by_resources,
-    size_bucket,
-)
-from .score_accumulate import score_accumulate
+from ._common import configs, dot_dtype, dot_precision, prune_by_resources, size_bucket
+from .score_accumulate import alpha_mode, weighted_term
 
 # The autotune candidates on CUDA. Each is compiled ahead of time for sm_80 and sm_90 in every
 # dtype and launcher variant (canfast.kernels.report): none spills in bf16, fp16 or TF32, and each
@@ -73,7 +64,7 @@ _BATCHED_MASK = 2  # [M, C]: one per block of rows
     key=["N", "K", "m_bucket"],
     prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr")},
     # Benchmarking runs the kernel several times; each run must start from the caller's sums.
-    restore_value=["stats_ptr"],
+    restore_value=["score_ptr"],
 )
 @triton.jit
 def _masked_linear_kernel(
@@ -82,7 +73,9 @@ def _masked_linear_kernel(
     bias_ptr,
     in_mask_ptr,
     out_mask_ptr,
-    stats_ptr,
+    act_ptr,
+    valid_ptr,
+    score_ptr,
     y_ptr,
     M,
     N,
@@ -90,6 +83,8 @@ def _masked_linear_kernel(
     m_bucket,
     rows_per_in_mask,
     rows_per_out_mask,
+    rows_per_sample,
+    alpha,
     stride_xm,
     stride_xk,
     stride_wn,
@@ -99,13 +94,21 @@ def _masked_linear_kernel(
     stride_ik,
     stride_om,
     stride_on,
-    stride_s,
+    stride_am,
+    stride_an,
+    stride_vb,
+    stride_vt,
+    stride_sb,
+    stride_sk,
+    stride_sn,
     stride_ym,
     stride_yn,
     HAS_BIAS: tl.constexpr,
     IN_MASK: tl.constexpr,
     OUT_MASK: tl.constexpr,
-    HAS_STATS: tl.constexpr,
+    SCORE: tl.constexpr,
+    HAS_VALID: tl.constexpr,
+    ALPHA_MODE: tl.constexpr,
     DOT_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -162,43 +165,83 @@ def _masked_linear_kernel(
     elif OUT_MASK == 2:
         out_mask = out_mask_ptr + (rows // rows_per_out_mask)[:, None] * stride_om
         acc *= tl.load(out_mask + cols[None, :] * stride_on, mask=ok, other=0.0).to(tl.float32)
-    if HAS_STATS:
-        # Rows past M hold the bias, not data: leave them out of the sums.
-        col_sums = tl.sum(tl.where(ok, tl.abs(acc), 0.0), axis=0)
-        tl.atomic_add(stats_ptr + cols * stride_s, col_sums, mask=col_ok)
+    if SCORE:
+        # The score of (act, y): y rounded as stored, as a separate pass would read it back.
+        g = tl.abs(acc.to(y_ptr.dtype.element_ty).to(tl.float32))
+        act = act_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :] * stride_an
+        a = tl.abs(tl.load(act, mask=ok, other=0.0).to(tl.float32))
+        sample = rows // rows_per_sample
+        keep = ok
+        if HAS_VALID:
+            step = rows % rows_per_sample
+            v = tl.load(valid_ptr + sample * stride_vb + step * stride_vt, mask=row_ok, other=0)
+            keep = keep & (v != 0)[:, None]
+        a = tl.where(keep, a, 0.0)
+        g = tl.where(keep, g, 0.0)
+        weighted = weighted_term(a, g, alpha, ALPHA_MODE)
+        # A row tile may span several samples: one masked column sum per sample it touches.
+        first = (pid_m * BLOCK_M) // rows_per_sample
+        last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
+        for s in range(first, last + 1):
+            mine = (sample == s)[:, None]
+            dst = score_ptr + s * stride_sb + cols * stride_sn
+            tl.atomic_add(dst, tl.sum(tl.where(mine, weighted, 0.0), axis=0), mask=col_ok)
+            tl.atomic_add(dst + stride_sk, tl.sum(tl.where(mine, a, 0.0), axis=0), mask=col_ok)
+            g_sum = tl.sum(tl.where(mine, g, 0.0), axis=0)
+            tl.atomic_add(dst + 2 * stride_sk, g_sum, mask=col_ok)
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
 
 
 def _aot_variants() -> list[Variant]:
     """Every constexpr combination the two launchers produce, for canfast.kernels.report."""
-    variants = []
+    layouts = (_NO_MASK, _SHARED_MASK, _BATCHED_MASK)
     absent = {_NO_MASK: "none"}
+    no_score = dict(
+        act_ptr="none", valid_ptr="none", stride_am="i32:16", stride_an="i32:16",
+        stride_vb="i32:16", stride_vt="i32:16", stride_sb="i32:16", stride_sk="i32:16",
+        stride_sn="i32:16",
+    )  # fmt: skip
+    variants = []
     for bias in (False, True):
-        for in_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
-            for out_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
-                for stats in (False, True):
-                    name = f"fwd{' bias' * bias} in={in_mask} out={out_mask}{' stats' * stats}"
-                    constexprs = dict(
-                        HAS_BIAS=bias, IN_MASK=in_mask, OUT_MASK=out_mask, HAS_STATS=stats
-                    )
-                    args = {"in_mask_ptr": absent.get(in_mask, "*T")}
-                    args["out_mask_ptr"] = absent.get(out_mask, "*T")
-                    args["bias_ptr"] = "*T" if bias else "none"
-                    variants.append(Variant(name, constexprs, args))
-    # masked_linear_backward: the weight transposed (its n stride is the unit one), no bias and
-    # no stats, the masks exchanged.
-    for in_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
-        for out_mask in (_NO_MASK, _SHARED_MASK, _BATCHED_MASK):
-            constexprs = dict(HAS_BIAS=False, IN_MASK=in_mask, OUT_MASK=out_mask, HAS_STATS=False)
-            args = {
-                "in_mask_ptr": absent.get(in_mask, "*T"),
-                "out_mask_ptr": absent.get(out_mask, "*T"),
-                "bias_ptr": "none",
-                "stride_wn": "1",
-                "stride_wk": "i32:16",
-            }
-            variants.append(Variant(f"bwd in={in_mask} out={out_mask}", constexprs, args))
+        for in_mask in layouts:
+            for out_mask in layouts:
+                constexprs = dict(
+                    HAS_BIAS=bias, IN_MASK=in_mask, OUT_MASK=out_mask, SCORE=False,
+                    HAS_VALID=False, ALPHA_MODE=0,
+                )  # fmt: skip
+                args = {
+                    **no_score,
+                    "in_mask_ptr": absent.get(in_mask, "*T"),
+                    "out_mask_ptr": absent.get(out_mask, "*T"),
+                    "bias_ptr": "*T" if bias else "none",
+                }
+                name = f"fwd{' bias' * bias} in={in_mask} out={out_mask}"
+                variants.append(Variant(name, constexprs, args))
+    # masked_linear_backward: the weight transposed (its n stride is the unit one), no bias, the
+    # masks exchanged, and optionally a unit-mid score fed in the epilogue.
+    scores = [(False, False, 0)] + [(True, v, a) for v in (False, True) for a in range(4)]
+    for in_mask in layouts:
+        for out_mask in layouts:
+            for score, valid, alpha in scores:
+                constexprs = dict(
+                    HAS_BIAS=False, IN_MASK=in_mask, OUT_MASK=out_mask, SCORE=score,
+                    HAS_VALID=valid, ALPHA_MODE=alpha,
+                )  # fmt: skip
+                args = {
+                    **({} if score else no_score),
+                    "in_mask_ptr": absent.get(in_mask, "*T"),
+                    "out_mask_ptr": absent.get(out_mask, "*T"),
+                    "bias_ptr": "none",
+                    "stride_wn": "1",
+                    "stride_wk": "i32:16",
+                }
+                if score and not valid:
+                    args.update(valid_ptr="none", stride_vb="i32:16", stride_vt="i32:16")
+                name = f"bwd in={in_mask} out={out_mask}"
+                if score:
+                    name += f" score{' valid' * valid} alpha={alpha}"
+                variants.append(Variant(name, constexprs, args))
     return variants
 
 
@@ -209,15 +252,8 @@ def _aot_dtype_constexprs(dtype: str) -> list[tuple[str, dict]]:
             ("fp32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}),
             ("fp32-tf32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "tf32"}),
         ]
-    return [
-        (
-            dtype,
-            {
-                "DOT_DTYPE": getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-                "DOT_PRECISION": "tf32",
-            },
-        )
-    ]
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
+    return [(dtype, {"DOT_DTYPE": dot, "DOT_PRECISION": "tf32"})]
 
 
 AOT = AotSpec(
@@ -229,7 +265,9 @@ AOT = AotSpec(
         bias_ptr="*T",
         in_mask_ptr="*T",
         out_mask_ptr="*T",
-        stats_ptr="*fp32",
+        act_ptr="*T",
+        valid_ptr="*u8",
+        score_ptr="*fp32",
         y_ptr="*T",
         M="i32",
         N="i32:16",
@@ -237,6 +275,8 @@ AOT = AotSpec(
         m_bucket="i32:16",
         rows_per_in_mask="i32",
         rows_per_out_mask="i32",
+        rows_per_sample="i32",
+        alpha="fp32",
         stride_xm="i32:16",
         stride_xk="1",
         stride_wn="i32:16",
@@ -246,180 +286,128 @@ AOT = AotSpec(
         stride_ik="1",
         stride_om="i32:16",
         stride_on="1",
-        stride_s="1",
+        stride_am="i32:16",
+        stride_an="1",
+        stride_vb="i32",
+        stride_vt="1",
+        stride_sb="i32:16",
+        stride_sk="i32:16",
+        stride_sn="1",
         stride_ym="i32:16",
         stride_yn="1",
-    ),
+    ),  # fmt: skip
     variants=_aot_variants(),
     dtype_constexprs=_aot_dtype_constexprs,
     tensor_core=("bf16", "fp16", "fp32-tf32"),
-    heavy=("fwd bias in=2 out=2 stats", "bwd in=2 out=2"),
+    heavy=(
+        "fwd bias in=2 out=2",
+        "bwd in=2 out=2 score valid alpha=3",
+        "bwd in=2 out=2 score valid alpha=1",
+    ),
 )
 
 
-def _mask_layout(
-    mask: Tensor | None, name: str, x: Tensor, channels: int
-) -> tuple[Tensor | None, int, int]:
-    """Check ``mask`` against ``x``; return it in ``x``'s dtype, its layout and rows per block."""
+def _mask_layout(mask: Tensor | None, rows: int) -> tuple[Tensor | None, int, int]:
+    """A mask [M, C] (or None): its kernel layout and the rows per block."""
     if mask is None:
         return None, _NO_MASK, 1
-    if mask.dim() not in (1, 2) or mask.shape[-1] != channels:
-        raise ValueError(f"{name} must be [{channels}] or [M, {channels}], got {tuple(mask.shape)}")
-    # The reference multiplies by mask.to(x.dtype); converting here gives the same values.
-    mask = mask.to(x.dtype)
-    if mask.dim() == 1:
-        return mask, _SHARED_MASK, 1
-    if x.dim() < 2:
-        raise ValueError(f"a batch of masks ({name} {tuple(mask.shape)}) needs x with a row dim")
-    blocks = mask.shape[0]
-    if blocks == 0 or x.shape[0] % blocks:
-        raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
-    flat_rows = x.shape[:-1].numel()
-    return mask, _BATCHED_MASK, max(flat_rows // blocks, 1)
+    if mask.shape[0] == 1:
+        return mask[0], _SHARED_MASK, 1
+    return mask, _BATCHED_MASK, max(rows // mask.shape[0], 1)
 
 
-def masked_linear_forward(
+def _mask_strides(mask: Tensor | None, layout: int) -> tuple[int, int]:
+    if layout == _BATCHED_MASK:
+        return mask.stride()
+    return 0, mask.stride(-1) if mask is not None else 0
+
+
+def _launch(
     x: Tensor,
     weight: Tensor,
-    bias: Tensor | None = None,
-    out_mask: Tensor | None = None,
-    in_mask: Tensor | None = None,
-    stats: Tensor | None = None,
+    bias: Tensor | None,
+    out_mask: Tensor | None,
+    in_mask: Tensor | None,
+    feed: ScoreFeed | None,
 ) -> Tensor:
-    """``((x * in_mask) @ weight.T + bias) * out_mask``, no autograd; ``stats += sum |y|``.
-
-    ``x``: ``[..., K]``; ``weight``: ``[N, K]`` (any strides); ``bias``: ``[N]``; masks ``[C]``
-    or ``[M, C]``; ``stats``: float32 ``[N]``. Returns ``y`` ``[..., N]`` in ``x``'s dtype.
-    """
-    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(f"x [..., K] and weight [N, K] do not match: {x.shape} and {weight.shape}")
-    n_out, n_in = weight.shape
-    if bias is not None and bias.shape != (n_out,):
-        raise ValueError(f"bias must be [{n_out}], got {tuple(bias.shape)}")
-    if stats is not None and (stats.shape != (n_out,) or stats.dtype != torch.float32):
-        raise ValueError(f"stats must be float32 [{n_out}], got {stats.dtype} {tuple(stats.shape)}")
-    check_tensors("masked_linear", x, weight, bias, out_mask, in_mask, stats)
-    check_dtypes("masked_linear", x, weight, bias)
-    in_mask, in_layout, rows_per_in_mask = _mask_layout(in_mask, "in_mask", x, n_in)
-    out_mask, out_layout, rows_per_out_mask = _mask_layout(out_mask, "out_mask", x, n_out)
-
-    rows = x.shape[:-1].numel()
-    x2 = x.reshape(rows, n_in)
+    """``((x * in_mask) @ weight.T + bias) * out_mask`` for ``x`` ``[R, K]``; a feed's score of
+    ``(feed.a, y)`` is added in the epilogue."""
+    rows, n_in = x.shape
+    n_out = weight.shape[0]
+    in_mask, in_layout, rows_per_in_mask = _mask_layout(in_mask, rows)
+    out_mask, out_layout, rows_per_out_mask = _mask_layout(out_mask, rows)
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    if rows and n_out:
-
-        def grid(meta: dict) -> tuple[int]:
-            return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
-
-        _masked_linear_kernel[grid](
-            x2,
-            weight,
-            bias,
-            in_mask,
-            out_mask,
-            # Older Triton releases clone every restore_value argument while autotuning, None too.
-            stats if stats is not None else y.new_empty(0, dtype=torch.float32),
-            y,
-            rows,
-            n_out,
-            n_in,
-            size_bucket(rows),
-            rows_per_in_mask,
-            rows_per_out_mask,
-            *x2.stride(),
-            *weight.stride(),
-            bias.stride(0) if bias is not None else 0,
-            *(in_mask.stride() if in_layout == _BATCHED_MASK else (0, _last_stride(in_mask))),
-            *(out_mask.stride() if out_layout == _BATCHED_MASK else (0, _last_stride(out_mask))),
-            stats.stride(0) if stats is not None else 0,
-            *y.stride(),
-            HAS_BIAS=bias is not None,
-            IN_MASK=in_layout,
-            OUT_MASK=out_layout,
-            HAS_STATS=stats is not None,
-            DOT_DTYPE=dot_dtype(x.dtype),
-            DOT_PRECISION=dot_precision(x.dtype),
-        )
-    return y.reshape(*x.shape[:-1], n_out)
-
-
-def _last_stride(t: Tensor | None) -> int:
-    return t.stride(-1) if t is not None else 0
-
-
-def masked_linear_backward(
-    grad_y: Tensor,
-    weight: Tensor,
-    out_mask: Tensor | None = None,
-    in_mask: Tensor | None = None,
-) -> Tensor:
-    """``dL/dx = ((grad_y * out_mask) @ weight) * in_mask`` for ``grad_y`` ``[..., N]``.
-
-    The forward kernel run on the transposed weight with the masks exchanged; no weight gradient.
-    """
-    return masked_linear_forward(grad_y, weight.t(), None, out_mask=in_mask, in_mask=out_mask)
-
-
-class MaskedLinearFunction(torch.autograd.Function):
-    """Masked linear layer whose backward gives ``dL/dx`` only (the weights are frozen).
-
-    The score sink is fed by calling the score kernel on ``(y, dL/dy)`` in the backward rather
-    than fusing it into the ``dL/dx`` matmul: that matmul is compute-bound and reads each ``dL/dy``
-    tile once per output column tile, so folding a per-sample reduction into it would need a
-    segmented reduction across row tiles and would slow the programs that do it, while the
-    separate pass is memory-bound and costs about 13% of the matmul at LLaVA shapes
-    (see bench/roofline_triton.md).
-    """
-
-    @staticmethod
-    def forward(
-        ctx: FunctionCtx,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        out_mask: Tensor | None,
-        in_mask: Tensor | None,
-        stats: Tensor | None,
-        sink: ScoreSink | None,
-    ) -> Tensor:
-        y = masked_linear_forward(x, weight, bias, out_mask, in_mask, stats)
-        ctx.sink = sink
-        # y is kept only when the score needs it: it is as large as the layer's output.
-        ctx.save_for_backward(weight, out_mask, in_mask, y if sink is not None else None)
+    if not (rows and n_out):
         return y
+    if feed is not None:
+        act = feed.a.reshape(rows, n_out)
+        valid = feed.valid.view(torch.uint8) if feed.valid is not None else None
+        score, samples = feed.out, feed.out.shape[0]
+    else:
+        act = valid = None
+        # Older Triton releases clone every restore_value argument while autotuning, None too.
+        score, samples = y.new_empty(0, dtype=torch.float32), 1
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx: FunctionCtx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        weight, out_mask, in_mask, y = ctx.saved_tensors
-        if ctx.sink is not None:
-            ctx.sink.feed(score_accumulate, y, grad_y)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = masked_linear_backward(grad_y, weight, out_mask, in_mask)
-        return grad_x, None, None, None, None, None, None
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
+
+    _masked_linear_kernel[grid](
+        x,
+        weight,
+        bias,
+        in_mask,
+        out_mask,
+        act,
+        valid,
+        score,
+        y,
+        rows,
+        n_out,
+        n_in,
+        size_bucket(rows),
+        rows_per_in_mask,
+        rows_per_out_mask,
+        rows // samples,
+        float(feed.alpha) if feed is not None else 0.0,
+        *x.stride(),
+        *weight.stride(),
+        bias.stride(0) if bias is not None else 0,
+        *_mask_strides(in_mask, in_layout),
+        *_mask_strides(out_mask, out_layout),
+        *(act.stride() if act is not None else (0, 0)),
+        *(valid.stride() if valid is not None else (0, 0)),
+        *(score.stride() if feed is not None else (0, 0, 0)),
+        *y.stride(),
+        HAS_BIAS=bias is not None,
+        IN_MASK=in_layout,
+        OUT_MASK=out_layout,
+        SCORE=feed is not None,
+        HAS_VALID=valid is not None,
+        ALPHA_MODE=alpha_mode(float(feed.alpha)) if feed is not None else 0,
+        DOT_DTYPE=dot_dtype(x.dtype),
+        DOT_PRECISION=dot_precision(x.dtype),
+    )
+    return y
 
 
 def masked_linear(
     x: Tensor,
     weight: Tensor,
-    bias: Tensor | None = None,
-    out_mask: Tensor | None = None,
-    in_mask: Tensor | None = None,
-    stats: Tensor | None = None,
-    sink: ScoreSink | None = None,
+    bias: Tensor | None,
+    out_mask: Tensor | None,
+    in_mask: Tensor | None,
 ) -> Tensor:
-    """``y = ((x * in_mask) @ weight.T + bias) * out_mask``, differentiable in ``x`` only.
+    """The forward: ``x`` ``[R, K]``, ``weight`` ``[N, K]`` (any strides); ``y`` ``[R, N]``."""
+    return _launch(x, weight, bias, out_mask, in_mask, None)
 
-    ``x``: ``[..., K]``; ``weight``: ``[N, K]``, any strides (pass a GPT-2 ``Conv1D`` weight as
-    ``weight.t()``); ``bias``: ``[N]`` or None; ``out_mask`` ``[N]`` / ``[M, N]`` and ``in_mask``
-    ``[K]`` / ``[M, K]``, a batch of masks splitting the first dimension of ``x`` into ``M``
-    blocks. ``stats`` (float32 ``[N]``) gets the per-channel sum of ``|y|`` added in the forward.
-    ``sink`` gets the CAN score sums of ``y`` and ``dL/dy`` added in the backward.
 
-    Weight and bias never receive gradients, even when they require them.
-    """
-    tracked = needs_graph(x, weight, bias, sink)
-    if not tracked:
-        return masked_linear_forward(x, weight, bias, out_mask, in_mask, stats)
-    return MaskedLinearFunction.apply(x, weight, bias, out_mask, in_mask, stats, sink)
+def masked_linear_backward(
+    grad_y: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+    in_mask: Tensor | None,
+    feed: ScoreFeed | None,
+) -> Tensor:
+    """``dL/dx = ((grad_y * out_mask) @ weight) * in_mask`` as ``[R, K]``: the forward kernel on
+    the transposed weight with the masks exchanged; a unit-mid feed is scored in its epilogue."""
+    return _launch(grad_y, weight.t(), None, in_mask, out_mask, feed)

@@ -14,7 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ._aot import AotSpec, Variant
-from ._common import check_dtypes, check_tensors, configs, prune_by_resources, size_bucket
+from ._common import configs, prune_by_resources, size_bucket
 
 # Exponents with a cheaper form than exp2(alpha * log2(|g|)); selected at compile time.
 _ALPHA_ZERO = 0
@@ -23,8 +23,26 @@ _ALPHA_ONE = 2
 _ALPHA_ANY = 3
 
 
-def _alpha_mode(alpha: float) -> int:
+def alpha_mode(alpha: float) -> int:
+    """The compile-time form of ``|g|**alpha`` for ``alpha``."""
     return {0.0: _ALPHA_ZERO, 0.5: _ALPHA_HALF, 1.0: _ALPHA_ONE}.get(alpha, _ALPHA_ANY)
+
+
+@triton.jit
+def weighted_term(a, g, alpha, ALPHA_MODE: tl.constexpr):
+    """``|g|**alpha * |a|`` for ``a = |a|``, ``g = |g|`` (fp32); shared by every score kernel."""
+    if ALPHA_MODE == 0:
+        # |g|**0 is 1 even where g == 0, as in torch.pow.
+        return a
+    elif ALPHA_MODE == 1:
+        return tl.sqrt_rn(g) * a
+    elif ALPHA_MODE == 2:
+        return g * a
+    else:
+        # alpha > 0 here, so 0**alpha = 0; the inner where keeps log2 away from 0 (-inf).
+        positive = g > 0
+        power = tl.exp2(alpha * tl.log2(tl.where(positive, g, 1.0)))
+        return tl.where(positive, power, 0.0) * a
 
 
 # The autotune candidates on CUDA, checked ahead of time on sm_80 and sm_90 in every dtype and
@@ -101,18 +119,7 @@ def _score_accumulate_kernel(
         # Masked-out elements load as 0 and so add nothing, whatever alpha is (|a| = 0).
         a = tl.abs(tl.load(a_base + rows[:, None] * stride_at, mask=ok, other=0.0).to(tl.float32))
         g = tl.abs(tl.load(g_base + rows[:, None] * stride_gt, mask=ok, other=0.0).to(tl.float32))
-        if ALPHA_MODE == 0:
-            # |g|**0 is 1 even where g == 0, as in torch.pow.
-            weighted += a
-        elif ALPHA_MODE == 1:
-            weighted += tl.sqrt_rn(g) * a
-        elif ALPHA_MODE == 2:
-            weighted += g * a
-        else:
-            # alpha > 0 here, so 0**alpha = 0; the inner where keeps log2 away from 0 (-inf).
-            positive = g > 0
-            power = tl.exp2(alpha * tl.log2(tl.where(positive, g, 1.0)))
-            weighted += tl.where(positive, power, 0.0) * a
+        weighted += weighted_term(a, g, alpha, ALPHA_MODE)
         abs_a += a
         abs_g += g
 
@@ -163,27 +170,16 @@ AOT = AotSpec(
 
 def score_accumulate(
     a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None = None
-) -> Tensor:
+) -> None:
     """Add per-sample, per-channel sums of ``|g|**alpha * |a|``, ``|a|``, ``|g|`` to ``out``.
 
-    ``a``, ``g``: ``[B, T, C]`` float32, bfloat16 or float16 (any strides); ``valid``: bool
-    ``[B, T]`` or None; ``out``: float32 ``[B, 3, C]``, updated in place and returned.
+    ``a``, ``g``: ``[B, T, C]`` (any strides); ``valid``: bool ``[B, T]`` or None; ``out``:
+    float32 ``[B, 3, C]``, updated in place.
     """
-    if a.dim() != 3 or g.shape != a.shape:
-        raise ValueError(f"a and g must be [B, T, C] of one shape, got {a.shape} and {g.shape}")
     batch, length, channels = a.shape
-    if out.shape != (batch, 3, channels) or out.dtype != torch.float32:
-        wanted = f"float32 [{batch}, 3, {channels}]"
-        raise ValueError(f"out must be {wanted}, got {out.dtype} {tuple(out.shape)}")
-    if valid is not None and valid.shape != (batch, length):
-        raise ValueError(f"valid must be [{batch}, {length}], got {tuple(valid.shape)}")
-    check_tensors("score_accumulate", a, g, out, valid)
-    check_dtypes("score_accumulate", a, g)
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
     if batch == 0 or channels == 0:
-        return out
-    if valid is not None and valid.dtype == torch.bool:
+        return
+    if valid is not None:
         # Same bytes, but a uint8 pointer loads as plain integers on every Triton backend.
         valid = valid.view(torch.uint8)
 
@@ -204,6 +200,5 @@ def score_accumulate(
         *(valid.stride() if valid is not None else (0, 0)),
         *out.stride(),
         HAS_VALID=valid is not None,
-        ALPHA_MODE=_alpha_mode(float(alpha)),
+        ALPHA_MODE=alpha_mode(float(alpha)),
     )
-    return out

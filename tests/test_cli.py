@@ -394,12 +394,12 @@ BAD_ARGUMENTS = {
 
 @pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
 def test_bad_input_in_process(capsys, tmp_path, monkeypatch, case):
-    import canfast.cli
+    import canfast.pipeline
 
     def no_model(*args, **kwargs):
         raise AssertionError("bad input must be refused before the model loads")
 
-    monkeypatch.setattr(canfast.cli, "_load_model", no_model)
+    monkeypatch.setattr(canfast.pipeline.ModelConfig, "load", no_model)
     monkeypatch.chdir(tmp_path)
     make_inputs(tmp_path)
     before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*")}

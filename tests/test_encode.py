@@ -29,7 +29,7 @@ def target_ids(model, sample):
 
 def prompt_inputs(model, sample):
     """What the model's own processor makes of the prompt alone."""
-    text = model.prompt_text(sample)
+    text = model.encoder.prompt_text(sample)
     if sample.image is not None:
         return model.processor(images=[sample.image], text=[text], return_tensors="pt")
     return model.tokenizer([text], return_tensors="pt")
@@ -220,3 +220,121 @@ def test_batched_generation_equals_one_by_one(models, family):
     together = generate_answers(model, samples, max_new_tokens=4, batch_size=3)
     alone = [generate_answers(model, [s], max_new_tokens=4)[0] for s in samples]
     assert together == alone
+
+
+# ----- targets scored exactly as written ---------------------------------------------------------
+
+CORPUS = ["count : one two . three four .", "count :\none two .", "one two three four five ."]
+
+
+def trained(model, pre_tokenizer, decoder, trainer, normalizer=None):
+    """A ``tokenizers`` tokenizer trained offline on the corpus above."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer(model)
+    if normalizer is not None:
+        tok.normalizer = normalizer
+    tok.pre_tokenizer, tok.decoder = pre_tokenizer, decoder
+    tok.train_from_iterator(CORPUS * 20, trainer)
+    return tok
+
+
+def byte_level_bpe():
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=alphabet, show_progress=False
+    )
+    pre = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return trained(models.BPE(), pre, decoders.ByteLevel(), trainer)
+
+
+def sentencepiece():
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<unk>", "</s>"], show_progress=False
+    )
+    model = models.BPE(unk_token="<unk>")
+    return trained(model, pre_tokenizers.Metaspace(), decoders.Metaspace(), trainer)
+
+
+def wordpiece():
+    from tokenizers import decoders, models, normalizers, pre_tokenizers, trainers
+
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=400, special_tokens=["[UNK]", "[PAD]", "</s>"], show_progress=False
+    )
+    model = models.WordPiece(unk_token="[UNK]")
+    pre = pre_tokenizers.BertPreTokenizer()
+    return trained(model, pre, decoders.WordPiece(), trainer, normalizers.BertNormalizer())
+
+
+TOKENIZERS = {
+    "byte-level-bpe": byte_level_bpe,
+    "sentencepiece": sentencepiece,
+    "wordpiece": wordpiece,
+}
+# (prompt, target) -> the target's tokens, for each tokenizer. A byte-level BPE keeps a space in
+# the token that follows it, SentencePiece marks a word start with '▁', WordPiece drops spaces.
+EXPECTED = {
+    ("count : ", "one two ."): {
+        "byte-level-bpe": ["Ġone", "Ġtwo", "Ġ."],
+        "sentencepiece": ["▁one", "▁two", "▁."],
+        "wordpiece": ["one", "two", "."],
+    },
+    ("count :\n", "one two ."): {
+        "byte-level-bpe": ["one", "Ġtwo", "Ġ."],
+        # Metaspace splits only at spaces: the token that straddles the boundary is scored.
+        "sentencepiece": ["▁:\none", "▁two", "▁."],
+        "wordpiece": ["one", "two", "."],
+    },
+    ("count :", "one two ."): {
+        "byte-level-bpe": ["Ġone", "Ġtwo", "Ġ."],
+        "sentencepiece": ["▁one", "▁two", "▁."],
+        "wordpiece": ["one", "two", "."],
+    },
+    ("", "count : one two ."): {
+        "byte-level-bpe": ["count", "Ġ:", "Ġone", "Ġtwo", "Ġ."],
+        "sentencepiece": ["▁count", "▁:", "▁one", "▁two", "▁."],
+        "wordpiece": ["count", ":", "one", "two", "."],
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def gpt2_body():
+    return tm.build("gpt2")
+
+
+@pytest.mark.parametrize("kind", list(TOKENIZERS))
+@pytest.mark.parametrize("case", list(EXPECTED), ids=repr)
+def test_targets_are_scored_exactly_as_written(gpt2_body, kind, case):
+    from transformers import PreTrainedTokenizerFast
+
+    from canfast import Model
+
+    tok = PreTrainedTokenizerFast(tokenizer_object=TOKENIZERS[kind](), eos_token="</s>")
+    model = Model(gpt2_body[0], tok)
+    prompt, target = case
+    text = model.encoder.prompt_text(Sample(None, prompt, target))
+    assert text == prompt
+    joined = model.encoder.join(text, target)
+    assert joined == (prompt + " " + target if prompt == "count :" else prompt + target)
+
+    batch = model.encode([Sample(None, prompt, target)])
+    ids = batch.inputs["input_ids"][0].tolist()
+    scored = [t for t in batch.labels[0].tolist() if t != IGNORE]
+    # Nothing (no prompt, no BOS) precedes the first token of an empty prompt's target: no
+    # logit predicts it.
+    expected = EXPECTED[case][kind][0 if prompt else 1 :]
+    assert tok.convert_ids_to_tokens(scored) == [*expected, "</s>"]
+    # The model reads the joined text, tokenized whole, and exactly that text.
+    assert ids == tok(joined)["input_ids"] + [tok.eos_token_id]
+    assert scored == ids[len(ids) - len(scored) :]
+
+    model.score_eos = False
+    without = model.encode([Sample(None, prompt, target)])
+    unscored = [t for t in without.labels[0].tolist() if t != IGNORE]
+    assert tok.convert_ids_to_tokens(unscored) == expected

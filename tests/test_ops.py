@@ -5,10 +5,12 @@ Backends: ``torch`` (the reference itself), ``cpp`` once per instruction set thi
 (``TRITON_INTERPRET=1`` from conftest.py) on small shapes, because the interpreter is slow.
 
 Inputs are fresh random values rounded to the dtype under test; the truth is computed in float64
-from those rounded values. Outputs that ops add into (score sums, ``stats``, score sinks) are
+from those rounded values. Outputs that ops add into (score sums, score sinks of both units) are
 pre-filled with random values and the increment is checked; ``_C``'s kernels are also run on
 NaN-filled outputs to show they write every element. Errors are relative to the largest
-magnitude of the truth; ``TOL`` gives the bound per dtype.
+magnitude of the truth; ``TOL`` gives the bound per dtype. ``masked_linear`` also runs under
+``torch.compile`` (its custom ops and fake implementations), on CPU with the ``aot_eager``
+backend, which needs no C compiler.
 """
 
 from __future__ import annotations
@@ -64,10 +66,6 @@ def backend(request: pytest.FixtureRequest) -> Iterator[str]:
         yield "cpp"
     finally:
         _C.set_isa("auto")
-
-
-def _module(backend: str):
-    return importlib.import_module({"cpp": "canfast.ops.cpp", "triton": "canfast.kernels"}[backend])
 
 
 def rel_err(actual: Tensor, expected: Tensor) -> float:
@@ -262,17 +260,13 @@ def test_masked_linear(backend, shape, dtype, masks, with_bias) -> None:
     b = randn(n, dtype=dtype) if with_bias else None
     om = _mask(blocks, n) if masks in ("out", "both") else None
     im = _mask(blocks, k) if masks in ("in", "both") else None
-    before = torch.randn(n)
-    stats = before.clone()
-    y = ops.masked_linear(x, w, b, om, im, stats, backend=backend)
+    y = ops.masked_linear(x, w, b, om, im, backend=backend)
     want = linear_truth(x, w, b, om, im)
     assert y.dtype == dtype
     assert_close(y, want, TOL[dtype], "y")
     if om is not None:
         off = block_rows(om, x.shape[:-1].numel()).reshape(want.shape) == 0
         assert y[off].eq(0).all(), "masked output channels must be exactly zero"
-    sums = want.abs().reshape(-1, n).sum(dim=0)
-    assert_increment(stats, before, sums, TOL[dtype], "stats")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
@@ -311,24 +305,82 @@ def test_masked_linear_backward(backend, dtype, transposed) -> None:
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
-@pytest.mark.parametrize("backend", FAST_BACKENDS, indirect=True)
-def test_masked_linear_score_sink(backend, dtype, alpha) -> None:
-    """The backward adds the CAN score of (y, dL/dy) to the sink while it computes dL/dx."""
-    module = _module(backend)
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_masked_linear_score_sink(backend, dtype, alpha, unit) -> None:
+    """The backward adds the CAN score to the sink while it computes dL/dx: of (y, dL/dy) for
+    unit out, of (x, dL/dx) for unit mid, with padding rows left out and masks in force."""
     samples, steps, k, n = 3, 5, 24, 19
     x = randn(samples, steps, k, dtype=dtype).requires_grad_()
     w = randn(n, k, dtype=dtype, scale=0.2)
-    om = _mask(None, n)
+    om, im = _mask(None, n), _mask(3, k)
     valid = torch.rand(samples, steps) > 0.25
-    before = torch.randn(samples, 3, n)
-    sink = module.ScoreSink(alpha, before.clone(), valid)
-    y = module.masked_linear(x, w, None, om, None, None, sink)
+    channels = n if unit == "out" else k
+    before = torch.randn(samples, 3, channels)
+    sink = ops.ScoreSink(alpha, before.clone(), valid, unit)
+    y = ops.masked_linear(x, w, None, om, im, sink, backend=backend)
     grad_y = randn(*y.shape, dtype=dtype, scale=1e-2)
     y.backward(grad_y)
-    want = score_truth(y.detach(), grad_y, alpha, valid)
-    assert_increment(sink.out, before, want, SUM_TOL, "sink sums")
-    want_dx = ((grad_y.double() * om.double()) @ w.double()).reshape(x.shape)
+    rows = samples * steps
+    want_dx = (grad_y.double().reshape(rows, n) * om.double()) @ w.double()
+    want_dx = (want_dx * block_rows(im.double(), rows)).reshape(x.shape)
     assert_close(x.grad, want_dx, TOL[dtype], "dx with sink")
+    if unit == "out":
+        want = score_truth(y.detach(), grad_y, alpha, valid)
+    else:
+        # The gradient the score reads is dL/dx as computed, rounded to the input's dtype.
+        want = score_truth(x.detach(), x.grad, alpha, valid)
+    assert_increment(sink.out, before, want, SUM_TOL, "sink sums")
+
+
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2", "triton"], indirect=True)
+def test_score_sink_on_an_input_without_grad(backend, unit) -> None:
+    """The first layer's input needs no gradient; the sink is still fed, and x gets none."""
+    x, w = randn(2, 4, 8), randn(6, 8)
+    out = torch.zeros(2, 3, 6 if unit == "out" else 8)
+    y = ops.masked_linear(x, w, sink=ops.ScoreSink(1.0, out, None, unit), backend=backend)
+    y.sum().backward()
+    grad = torch.ones(2, 4, 6) if unit == "out" else torch.ones(2, 4, 6) @ w
+    a = y.detach() if unit == "out" else x
+    assert_close(out, score_truth(a, grad, 1.0, None), SUM_TOL, "sums")
+    assert x.grad is None
+
+
+def test_score_sink_needs_a_backward() -> None:
+    x, w = randn(2, 4, 8), randn(6, 8)
+    with torch.no_grad(), pytest.raises(ValueError, match="backward"):
+        ops.masked_linear(x, w, sink=ops.ScoreSink(0.5, torch.zeros(2, 3, 6)))
+    for sink in (
+        ops.ScoreSink(0.5, torch.zeros(3, 3, 6)),  # 8 rows do not split into 3 samples
+        ops.ScoreSink(0.5, torch.zeros(2, 3, 5)),
+        ops.ScoreSink(1.5, torch.zeros(2, 3, 6)),
+        ops.ScoreSink(0.5, torch.zeros(2, 3, 6), unit="in"),
+        ops.ScoreSink(0.5, torch.zeros(2, 3, 6), torch.ones(2, 3, dtype=torch.bool)),
+    ):
+        with pytest.raises(ValueError):
+            ops.masked_linear(x.requires_grad_(), w, sink=sink)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
+def test_masked_linear_under_torch_compile(backend) -> None:
+    """The custom ops and their fake implementations trace: the compiled function gives the
+    eager values, forward and backward, with a sink."""
+    x = randn(2, 5, 12).requires_grad_()
+    w, b = randn(7, 12), randn(7)
+    om, im = _mask(2, 7), _mask(None, 12)
+
+    def step(x: Tensor, out: Tensor) -> Tensor:
+        sink = ops.ScoreSink(0.5, out, None, "out")
+        return ops.masked_linear(x, w, b, om, im, sink, backend=backend).square().sum()
+
+    eager_out, compiled_out = torch.zeros(2, 3, 7), torch.zeros(2, 3, 7)
+    step(x, eager_out).backward()
+    eager_dx, x.grad = x.grad, None
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    compiled(x, compiled_out).backward()
+    assert_close(x.grad, eager_dx.double(), TOL[torch.float32], "compiled dx")
+    assert_close(compiled_out, eager_out.double(), SUM_TOL, "compiled sink")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -482,8 +534,6 @@ def test_bad_linear_arguments_raise(backend) -> None:
         "out_mask size": (x, w, None, torch.ones(4), None, None),
         "mask blocks": (x, w, None, torch.ones(4, 5), None, None),  # 6 rows, 4 blocks
         "in_mask size": (x, w, None, None, torch.ones(9), None),
-        "stats dtype": (x, w, None, None, None, torch.zeros(5, dtype=torch.float64)),
-        "stats shape": (x, w, None, None, None, torch.zeros(4)),
     }
     for what, args in bad.items():
         with pytest.raises(ValueError):
@@ -555,7 +605,9 @@ def test_cpp_raw_arguments_raise() -> None:
         with pytest.raises(ValueError):
             score(**change)
     with pytest.raises(ValueError):
-        _C.linear_epilogue(o, 0, 6, 4, 4, o, 4, 4, 0, 0)  # 6 rows, 4 mask blocks
+        _C.row_mask(p, p, 0, 6, 4, 4, 4, o, 4, 4, 0)  # 6 rows, 4 mask blocks
+    with pytest.raises(ValueError):
+        score(g_mask=o, g_mask_M=4)  # 6 rows, 4 mask blocks
     with pytest.raises(ValueError):
         _C.row_mask(p, o, 1, 3, 4, 4, 4, 0, 1, 4, 0)  # null mask
     with pytest.raises(ValueError):

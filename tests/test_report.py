@@ -333,11 +333,11 @@ def test_verdict_follows_the_numbers(tmp_path) -> None:
 
 
 def test_verdict_sentences_directly() -> None:
-    sweep = _sweep(TWO_STAGE, random_collapse=False).to_json()
+    sweep = _sweep(TWO_STAGE, random_collapse=False)
     assert any("more than 600x smaller" in s for s in verdict(sweep))
-    sweep["random"] = {"seeds": [], "k_star_median": None}
+    sweep.random = []
     assert any("No random baseline" in s for s in verdict(sweep))
-    barely = _sweep([1.0, 1.0, 1.6, 12.0]).to_json()
+    barely = _sweep([1.0, 1.0, 1.6, 12.0])
     assert any("barely separated" in s for s in verdict(barely))
 
 

@@ -129,9 +129,13 @@ def double_model(cache, family):
     return cache[family]
 
 
+@pytest.mark.parametrize("path", ["hooks", "fused"])
 @pytest.mark.parametrize("unit", ["out", "mid"])
 @pytest.mark.parametrize("family", tm.FAMILIES)
-def test_scores_match_float64_reference(double_models, family, unit):
+def test_scores_match_float64_reference(double_models, family, unit, path):
+    """Both scoring paths, the hooks and the sinks fed inside masked_linear's backward, give
+    the float64 reference on every family, both units, several alphas, with and without
+    padding (batches of 2 pad the shorter sample)."""
     model = double_model(double_models, family)
     samples = tm.samples(family, 3)
     records = capture(model, samples, unit)
@@ -153,8 +157,10 @@ def test_scores_match_float64_reference(double_models, family, unit):
                 batch_size=batch_size,
                 backend="torch",
                 progress=False,
+                path=path,
             )
-            assert_scores_match(scores, expected, f"{family} {unit} alpha={alpha} bs={batch_size}")
+            what = f"{path} {family} {unit} alpha={alpha} bs={batch_size}"
+            assert_scores_match(scores, expected, what)
             assert scores.meta["alpha"] == repr(alpha)
             assert scores.meta["unit"] == unit
             assert scores.meta["n_samples"] == "3"
@@ -162,9 +168,10 @@ def test_scores_match_float64_reference(double_models, family, unit):
 
 @pytest.mark.skipif(not canfast.ops.available("cpp"), reason="canfast._C is not built")
 @pytest.mark.parametrize("unit", ["out", "mid"])
-@pytest.mark.parametrize("family", ["llava", "instructblip", "llama", "gpt2", "opt", "bert", "t5"])
+@pytest.mark.parametrize("family", tm.FAMILIES)
 def test_cpp_backend_matches_torch(make_model, family, unit):
-    """The compiled CPU kernels score whole float32 models as the torch reference does."""
+    """The compiled CPU kernels score whole float32 models as the torch reference does: the
+    fused path (cpp's default) against the hook path on the torch backend."""
     model = make_model(family)
     samples = tm.samples(family, 3)
     runs = {
@@ -176,8 +183,9 @@ def test_cpp_backend_matches_torch(make_model, family, unit):
             batch_size=2,
             backend=backend,
             progress=False,
+            path=path,
         )
-        for backend in ("torch", "cpp")
+        for backend, path in (("torch", "hooks"), ("cpp", "fused"))
     }
     for name in runs["torch"].sites:
         torch.testing.assert_close(runs["cpp"][name], runs["torch"][name], rtol=1e-5, atol=1e-7)
@@ -194,14 +202,23 @@ def test_triton_backend_matches_torch(make_model, family):
         pytest.fail("triton is part of the test extras and must be importable")
     model = make_model(family)
     samples = tm.samples(family, 2)
-    runs = {
-        backend: canfast.score(
-            model, samples, targets="given", batch_size=2, backend=backend, progress=False
-        )
-        for backend in ("torch", "triton")
-    }
-    for name in runs["torch"].sites:
-        torch.testing.assert_close(runs["triton"][name], runs["torch"][name], rtol=1e-5, atol=1e-7)
+    for unit in ("out", "mid"):
+        runs = {
+            backend: canfast.score(
+                model,
+                samples,
+                unit=unit,
+                targets="given",
+                batch_size=2,
+                backend=backend,
+                progress=False,
+            )
+            for backend in ("torch", "triton")  # hooks, and the fused path (triton's default)
+        }
+        for name in runs["torch"].sites:
+            torch.testing.assert_close(
+                runs["triton"][name], runs["torch"][name], rtol=1e-5, atol=1e-7
+            )
 
 
 def test_alpha_changes_scores(double_models):
@@ -219,21 +236,23 @@ def test_alpha_changes_scores(double_models):
     torch.testing.assert_close(runs[0]["language.1.down"], runs[0].stats["language.1.down"]["act"])
 
 
-def test_parameters_untouched(make_model):
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_parameters_untouched(make_model, backend):
     model = make_model("llava")
     frozen = {"model.language_model.embed_tokens.weight", "lm_head.weight"}
     for name, p in model.hf.named_parameters():
         p.requires_grad_(name not in frozen)
     flags = {n: p.requires_grad for n, p in model.hf.named_parameters()}
     before = {k: v.clone() for k, v in model.hf.state_dict().items()}
-    canfast.score(model, tm.samples("llava", 2), targets="given", backend="torch", progress=False)
+    canfast.score(model, tm.samples("llava", 2), targets="given", backend=backend, progress=False)
     assert {n: p.requires_grad for n, p in model.hf.named_parameters()} == flags
     assert all(p.grad is None for p in model.hf.parameters())
     after = model.hf.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
-    # No hook is left behind.
+    # No hook or route is left behind.
     for site in model.all_sites("out"):
         assert not site.module._forward_hooks and not site.module._forward_pre_hooks
+        assert "forward" not in vars(site.module)
 
 
 def test_failed_scoring_restores_flags(make_model):
@@ -249,6 +268,7 @@ def test_failed_scoring_restores_flags(make_model):
     assert all(p.requires_grad for p in model.hf.parameters())
     for site in model.all_sites("out"):
         assert not site.module._forward_hooks
+        assert "forward" not in vars(site.module)
 
 
 def test_custom_objective_drives_scoring(double_models):

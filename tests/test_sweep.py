@@ -18,7 +18,7 @@ from canfast.objective import evaluate
 from canfast.sweep.baseline import random_ordering
 from canfast.sweep.result import Curve
 from canfast.sweep.schedule import default_schedule, parse_schedule
-from canfast.sweep.search import trace
+from canfast.sweep.trace import trace
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -393,8 +393,8 @@ def test_sweep_bad_input(llava_run, make_model):
 
 
 def test_evaluate_many_masks_per_pass(llava_run):
-    """The engine's shared forward passes give the same metric as one mask per pass."""
-    from canfast.sweep.engine import Evaluator
+    """The evaluator's shared forward passes give the same metric as one mask per pass."""
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
@@ -410,14 +410,14 @@ def test_evaluate_many_masks_per_pass(llava_run):
 
 def test_gen_ppl_metric(llava_run):
     """``gen-ppl``: the masked model answers, the unmasked model scores those answers."""
-    from canfast.sweep.engine import Evaluator
+    from canfast.sweep.evaluator import Evaluator
 
     model, samples, scores, _ = llava_run
     order = scores.ranking()
     sets = [NeuronSet(()), order[:40]]
-    engine = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
-    assert engine.masks_per_pass == 1
-    got = engine(sets)
+    evaluator = Evaluator(model, samples, metric="gen-ppl", max_new_tokens=3, progress=False)
+    assert evaluator.masks_per_pass == 1
+    got = evaluator(sets)
     for neurons, value in zip(sets, got):
         answers = canfast.generate(model, samples, neurons, max_new_tokens=3)
         produced = [s.with_target(a) for s, a in zip(samples, answers)]
@@ -456,12 +456,13 @@ def test_sweep_of_mid_neurons(llava_run):
 def test_sweep_by_component_and_kind_masks_only_that_group(llava):
     """--by component / kind: one row per group, each a sweep over that group's sites alone."""
     from canfast.objective import with_targets
-    from canfast.sweep.groups import sweep_by
+    from canfast.sweep import SweepConfig, SweepJob, sweep_by
 
     samples = with_targets(llava, tm.samples("llava", 3), "self", max_new_tokens=4)
     scores = canfast.score(llava, samples, targets="given", progress=False)
-    options = dict(schedule=[1, 2, 4], seeds=1, batch_size=4, progress=False)
-    by_component = sweep_by("component", llava, samples, scores, **options)
+    config = SweepConfig(schedule=[1, 2, 4], seeds=1)
+    job = SweepJob(llava, samples, scores, config, [1, 2, 4], batch_size=4, progress=False)
+    by_component = sweep_by("component", job)
     assert [r["group"] for r in by_component] == ["vision", "projector", "language"]
     sizes = {s.component: 0 for s in llava.sites()}
     for site in llava.sites():
@@ -469,8 +470,166 @@ def test_sweep_by_component_and_kind_masks_only_that_group(llava):
     for row in by_component:
         assert row["n_neurons"] == sizes[row["group"]]
         assert row["n_samples"] == 3
-    by_kind = sweep_by("kind", llava, samples, scores, **options)
+    by_kind = sweep_by("kind", job)
     assert sorted(r["group"] for r in by_kind) == ["down", "gate", "up"]
     assert sum(r["n_neurons"] for r in by_kind) == sum(sizes.values())
     with pytest.raises(canfast.BadInput):
-        sweep_by("category", llava, samples, scores, **options)
+        sweep_by("category", job)
+
+
+# ----- the pipeline and the strategy registry ---------------------------------------------------
+
+
+def test_pipeline_run_matches_the_sweep_api(llava_run, tmp_path):
+    """``canfast.run`` from Python: the same curve as ``canfast.sweep`` on the same scores, and
+    the run directory holds the scores, the ranking, the strategy's files and the report."""
+    model, samples, scores, result = llava_run
+    config = canfast.SweepConfig(
+        schedule=[1, 4, 16, 64, 160, 1000], seeds=1, masks_per_pass=3, generations=1
+    )
+    done = canfast.run(
+        model,
+        canfast.DataConfig(samples, targets="given", max_new_tokens=3, batch_size=2),
+        scoring=canfast.ScoreConfig(backend="torch", progress=False),
+        sweep=config,
+        out=tmp_path / "run",
+    )
+    assert done.out == tmp_path / "run"
+    names = {p.name for p in done.files}
+    assert {"scores.safetensors", "neurons.json", "sweep.json", "generations.jsonl"} <= names
+    assert "report.html" in names
+    assert all(p.is_file() for p in done.files)
+    assert done.result.curve.k == result.curve.k
+    assert done.result.curve.ppl == pytest.approx(result.curve.ppl, rel=1e-5)
+    assert (done.result.k1, done.result.k_star) == (result.k1, result.k_star)
+    assert done.result.info["targets"] == "given"
+    assert set(done.result.timings) >= {"targets_s", "base_s", "progressive_s", "random_s"}
+    assert read_json(done.out / "sweep.json")["k_star"] == result.k_star
+
+
+class _Constant:
+    """A stand-in for a strategy with files of its own (like the exhaustive scan)."""
+
+    kind = "constant"
+
+    def __init__(self, n_samples: int) -> None:
+        self.info = {"n_samples": n_samples}
+
+    def write(self, run_dir):
+        return [write_json(run_dir / "constant.json", self.info)]
+
+    def summary(self, ranking=None):
+        return f"constant over {self.info['n_samples']} samples"
+
+    def summary_json(self):
+        return dict(self.info)
+
+
+def test_a_registered_strategy_writes_its_own_files(llava_run, tmp_path, monkeypatch):
+    from canfast.sweep import strategy as registry
+
+    model, samples, _, _ = llava_run
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    registry.register("constant", "a test strategy")(lambda job: _Constant(len(job.samples)))
+    assert registry.strategy_names()[-1] == "constant"
+    with pytest.raises(ValueError, match="twice"):
+        registry.register("constant", "again")(lambda job: None)
+    done = canfast.run(
+        model,
+        canfast.DataConfig(samples, targets="given"),
+        scoring=canfast.ScoreConfig(backend="torch", progress=False),
+        sweep=canfast.SweepConfig(kind="constant"),
+        out=tmp_path / "run",
+    )
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "constant.json",
+        "neurons.json",
+        "scores.safetensors",
+    ]
+    assert done.result.summary() == f"constant over {len(samples)} samples"
+    with pytest.raises(BadInput, match="--by"):
+        canfast.run(
+            model,
+            canfast.DataConfig(samples, targets="given"),
+            sweep=canfast.SweepConfig(kind="constant", by=("component",)),
+            out=tmp_path / "other",
+        )
+    assert not (tmp_path / "other").exists()
+
+
+# ----- custom objectives and stacked mask batches -----------------------------------------------
+
+
+def in_batch_contrastive(outputs, batch):
+    """Each sample's mean-pooled logits must pick out itself among the batch: a loss that
+    compares the samples of one batch with each other, like a sentence encoder's."""
+    valid = batch.valid["language"].unsqueeze(-1).float()
+    pooled = (outputs.logits.float() * valid).sum(1) / valid.sum(1)
+    z = torch.nn.functional.normalize(pooled, dim=-1)
+    logits = z @ z.T / 0.05
+    target = torch.arange(batch.size, device=logits.device)
+    return torch.nn.functional.cross_entropy(logits, target, reduction="none")
+
+
+def test_stacked_masks_give_a_custom_objective_one_block_at_a_time(llava_run):
+    model, samples, scores, _ = llava_run
+    order = scores.ranking()
+    sets = [order[:k] for k in (0, 5, 40, 200)]
+    with masked(model, sets, backend="torch"):
+        stacked = evaluate(model, samples, 3, in_batch_contrastive, masks=len(sets))
+    for neurons, got in zip(sets, stacked, strict=True):
+        with masked(model, neurons, backend="torch"):
+            alone = evaluate(model, samples, 3, in_batch_contrastive)[0]
+        assert got.tokens == alone.tokens == len(samples)
+        assert got.nll == pytest.approx(alone.nll, rel=1e-5)
+    assert len({round(e.nll, 6) for e in stacked}) == len(sets)
+
+
+def test_contrastive_sweep_is_the_same_for_any_masks_per_pass(llava_run):
+    model, samples, scores, _ = llava_run
+    results = [
+        canfast.sweep(
+            model,
+            samples,
+            scores,
+            schedule=[1, 4, 16, 64, 200],
+            tau=0.5,
+            onset=1.05,
+            seeds=1,
+            targets="given",
+            batch_size=3,
+            masks_per_pass=m,
+            generations=0,
+            objective=in_batch_contrastive,
+            backend="torch",
+            progress=False,
+        )
+        for m in (1, 4)
+    ]
+    one, four = results
+    assert one.ppl0 == pytest.approx(four.ppl0, rel=1e-6)
+    for ordering in ((one.curve, four.curve), (one.random[0], four.random[0])):
+        ppl = [dict(zip(c.k, c.ppl, strict=True)) for c in ordering]
+        common = sorted(set(ppl[0]) & set(ppl[1]))
+        assert {1, 4} <= set(common)
+        assert [ppl[1][k] for k in common] == pytest.approx([ppl[0][k] for k in common], rel=1e-5)
+        assert (ordering[0].k1, ordering[0].k_star) == (ordering[1].k1, ordering[1].k_star)
+
+
+def test_pipeline_scores_without_eos_when_asked(llava_run, tmp_path):
+    """``DataConfig(score_eos=False)`` (``--no-score-eos``) reaches the scores, which say so,
+    and a Model passed in keeps its own setting afterwards."""
+    model, samples, scores, _ = llava_run
+    runs = {}
+    for score_eos in (True, False):
+        runs[score_eos] = canfast.run(
+            model,
+            canfast.DataConfig(samples, targets="given", score_eos=score_eos),
+            scoring=canfast.ScoreConfig(backend="torch", progress=False),
+            out=tmp_path / str(score_eos),
+        ).scores
+        assert model.score_eos is True
+    assert runs[True].meta["score_eos"] == "true" and runs[False].meta["score_eos"] == "false"
+    site = runs[True].sites[0]
+    torch.testing.assert_close(runs[True][site], scores[site], rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(runs[True][site], runs[False][site])

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from canfast.adapters.encoders import ENCODERS, Encoder
 from canfast.sites import Site, site_name
 
 # Children that make a module an FFN block, and the kind each plays. Order matters only for
@@ -38,6 +39,10 @@ class Adapter:
     - ``component_of``: the component (vision, projector, qformer, language) of a module path.
     - ``stream_of``: which token sequence a module runs over, to pick its padding mask.
     - ``prompt_template``: how a sample's prompt becomes the model's text.
+    - ``target_separator``: what the template puts between the prompt's text and the target
+      (see ``Encoder.join``): a space, as chat formats answer and as a word follows a word.
+    - ``own_padding``: input-key prefixes padded apart with a tokenizer of their own, and the
+      processor attribute holding it (InstructBLIP's Q-Former text).
     """
 
     family: str
@@ -46,8 +51,28 @@ class Adapter:
     component_of: Callable[[str], str]
     stream_of: Callable[[str], str | None]
     prompt_template: str = "{prompt}"
+    target_separator: str = " "
+    own_padding: tuple[tuple[str, str], ...] = ()
     uses_images: bool = False
     extra_single_sites: tuple[tuple[str, str], ...] = ()
+
+    def encoder(
+        self,
+        processor,
+        task: str,
+        template: str | None = None,
+        separator: str | None = None,
+        name: str = "the model",
+    ) -> Encoder:
+        """This family's encoder for ``task``; ``template`` and ``separator`` override its own."""
+        return ENCODERS[task](
+            processor,
+            template=self.prompt_template if template is None else template,
+            separator=self.target_separator if separator is None else separator,
+            uses_images=self.uses_images,
+            own_padding=dict(self.own_padding),
+            name=name,
+        )
 
 
 def component_by_keyword(path: str) -> str:

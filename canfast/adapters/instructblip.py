@@ -17,5 +17,6 @@ ADAPTER = Adapter(
     component_of=component_by_keyword,
     stream_of=_stream,
     uses_images=True,
+    own_padding=(("qformer_", "qformer_tokenizer"),),
     extra_single_sites=(("language_projection", "down"),),
 )

@@ -100,8 +100,9 @@ def write_report(run_dir: str | Path) -> Path:
         sections.append(html.heat_section(images, rank))
         anchors.append(("heatmaps", "Heat maps"))
 
-    if isinstance(run.sweep.get("by"), dict) and run.sweep["by"]:
-        sections.append(html.by_section(run.sweep["by"]))
+    by = run.sweep.info.get("by")
+    if isinstance(by, dict) and by:
+        sections.append(html.by_section(by))
         anchors.append(("by", "Per group"))
     if run.generations:
         sections.append(html.generations_section(run))
@@ -113,7 +114,7 @@ def write_report(run_dir: str | Path) -> Path:
 
     body.append(html.navigation(anchors))
     body.extend(sections)
-    model = run.sweep.get("model") or run.meta.get("model") or "run"
+    model = run.model or "run"
     page = write_text(run.path / REPORT, html.document(f"canfast report: {model}", body))
     out.remove_stale()
     return page

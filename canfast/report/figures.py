@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from canfast.report.placement import Count, HeatMap, Placement
+from canfast.sweep.result import SweepResult
 
 CAN_COLOR = "#1f5fbf"
 RANDOM_COLOR = "#808080"
@@ -46,14 +47,6 @@ def _png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def log10_ratios(curve: dict, ppl0: float) -> list[float]:
-    """``log10(PPL_k / PPL_0)`` of a curve, from whichever of its fields it has."""
-    if curve.get("log10_ratio") is not None:
-        return [float(v) for v in curve["log10_ratio"]]
-    ratios = curve.get("ratio") or [p / ppl0 for p in curve.get("ppl") or []]
-    return [math.log10(r) if r > 0 else -math.inf for r in ratios]
-
-
 def _plottable(ys: list[float], ceiling: float) -> np.ndarray:
     # A perplexity that overflowed is the strongest collapse there is: draw it at the top of
     # the axes rather than dropping the point.
@@ -61,14 +54,11 @@ def _plottable(ys: list[float], ceiling: float) -> np.ndarray:
     return np.nan_to_num(values, nan=np.nan, posinf=ceiling, neginf=np.nan)
 
 
-def collapse_curve(sweep: dict) -> bytes:
+def collapse_curve(sweep: SweepResult) -> bytes:
     """log10 PPL ratio against k (log x): CAN, the random seeds and their band, tau, k1, k*."""
-    ppl0 = float(sweep["ppl0"])
-    crit = sweep.get("criterion") or {}
-    tau = float(crit.get("tau", 1.0))
-    onset = float(crit.get("onset_ratio", 1.5))
-    seeds = (sweep.get("random") or {}).get("seeds") or []
-    curves = [log10_ratios(sweep, ppl0)] + [log10_ratios(s, ppl0) for s in seeds]
+    ppl0, tau, onset = sweep.ppl0, sweep.tau, sweep.onset
+    seeds = sweep.random
+    curves = [c.log10_ratio(ppl0) for c in (sweep.curve, *seeds)]
     finite = [v for c in curves for v in c if math.isfinite(v)]
     top = max([tau * 1.25, *(v * 1.08 for v in finite)])
     bottom = min([0.0, *finite]) - 0.05 * top
@@ -78,8 +68,8 @@ def collapse_curve(sweep: dict) -> bytes:
     if seeds:
         for i, seed in enumerate(seeds):
             ax.plot(
-                seed["k"],
-                _plottable(log10_ratios(seed, ppl0), top),
+                seed.k,
+                _plottable(seed.log10_ratio(ppl0), top),
                 color=RANDOM_COLOR,
                 linewidth=0.7,
                 alpha=0.55,
@@ -87,9 +77,9 @@ def collapse_curve(sweep: dict) -> bytes:
             )
         # The band spans only the k every seed measured; narrowed stage searches add k values
         # that a single seed owns.
-        shared = sorted(set.intersection(*(set(s["k"]) for s in seeds)))
+        shared = sorted(set.intersection(*(set(s.k) for s in seeds)))
         if shared:
-            by_k = [dict(zip(s["k"], _plottable(log10_ratios(s, ppl0), top))) for s in seeds]
+            by_k = [dict(zip(s.k, _plottable(s.log10_ratio(ppl0), top))) for s in seeds]
             table = np.array([[values[k] for k in shared] for values in by_k])
             with warnings.catch_warnings():
                 # A k where every seed's metric is NaN leaves a gap, which is what it should do.
@@ -113,10 +103,10 @@ def collapse_curve(sweep: dict) -> bytes:
                 linewidth=1.4,
                 label="random, median",
             )
-    if sweep.get("k"):
+    if sweep.curve.k:
         ax.plot(
-            sweep["k"],
-            _plottable(log10_ratios(sweep, ppl0), top),
+            sweep.curve.k,
+            _plottable(sweep.curve.log10_ratio(ppl0), top),
             color=CAN_COLOR,
             marker="o",
             markersize=3,
@@ -132,9 +122,9 @@ def collapse_curve(sweep: dict) -> bytes:
         label=f"onset ({onset:g}x PPL_0)",
     )
     for k, color, name in (
-        (sweep.get("k1"), ONSET_COLOR, "k1"),
-        (sweep.get("k_star"), COLLAPSE_COLOR, "k*"),
-        ((sweep.get("random") or {}).get("k_star_median"), RANDOM_COLOR, "random k*"),
+        (sweep.k1, ONSET_COLOR, "k1"),
+        (sweep.k_star, COLLAPSE_COLOR, "k*"),
+        (sweep.random_k_star, RANDOM_COLOR, "random k*"),
     ):
         if k is not None:
             ax.axvline(k, color=color, linewidth=1, alpha=0.8)

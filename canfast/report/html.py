@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from html import escape as _escape
 
 from canfast import __version__
-from canfast.report.figures import log10_ratios
 from canfast.report.placement import Count, Placement
 from canfast.report.run import Run
 from canfast.report.verdict import times
+from canfast.sweep.result import COLLAPSE_RULE
 
 STYLE = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', Helvetica, Arial, sans-serif;
@@ -121,8 +121,8 @@ def paragraph(text: str, css: str | None = None) -> str:
 
 
 def header(run: Run, sentences: Sequence[str]) -> str:
-    model = run.sweep.get("model") or run.meta.get("model") or "unknown model"
-    sub = f"run {run.path.name} · {run.sweep.get('kind', 'sweep')} sweep · canfast report"
+    model = run.model or "unknown model"
+    sub = f"run {run.path.name} · {run.sweep.kind} sweep · canfast report"
     verdict = "".join(paragraph(s) for s in sentences)
     return (
         f"<h1>canfast: {escape(model)}</h1><p class='sub'>{escape(sub)}</p>"
@@ -135,39 +135,31 @@ def navigation(anchors: Sequence[tuple[str, str]]) -> str:
     return f"<nav>{links}</nav>"
 
 
-def _largest(curve: dict) -> int | None:
-    return max(curve.get("k") or [], default=None)
-
-
 def collapse_section(run: Run, image: Image | None) -> str:
     sweep = run.sweep
-    ppl0 = float(sweep["ppl0"])
-    crit = sweep.get("criterion") or {}
     parts = [image.html()] if image else []
     parts.append(
         paragraph(
-            f"PPL_0 = {fmt(ppl0)} (unmasked). Collapse: log10(PPL_k / PPL_0) >= tau = "
-            f"{fmt(crit.get('tau'))}; k1: the first k with PPL_k / PPL_0 >= "
-            f"{fmt(crit.get('onset_ratio'))} (onset); k*: the first collapsing k."
+            f"PPL_0 = {fmt(sweep.ppl0)} (unmasked). Collapse: log10(PPL_k / PPL_0) >= tau = "
+            f"{fmt(sweep.tau)}; k1: the first k with PPL_k / PPL_0 >= "
+            f"{fmt(sweep.onset)} (onset); k*: the first collapsing k."
         )
     )
-    summary = [["CAN", sweep.get("k1"), sweep.get("k_star"), _largest(sweep)]]
-    for seed in run.random_seeds:
-        name = f"random seed {seed.get('seed', '?')}"
-        summary.append([name, seed.get("k1"), seed.get("k_star"), _largest(seed)])
-    if run.random_seeds:
-        summary.append(["random median", None, run.random_k_star, None])
+    summary = [["CAN", sweep.k1, sweep.k_star, sweep.curve.largest_k]]
+    for seed in sweep.random:
+        summary.append([f"random seed {seed.seed}", seed.k1, seed.k_star, seed.largest_k])
+    if sweep.random:
+        summary.append(["random median", None, sweep.random_k_star, None])
     parts.append(table(["ordering", "k1", "k*", "largest k tried"], summary, table_id="stages"))
-    if sweep.get("k"):
-        ks, ppls = sweep["k"], sweep.get("ppl") or []
-        ratios = sweep.get("ratio") or [p / ppl0 for p in ppls]
-        logs = log10_ratios(sweep, ppl0)
+    curve = sweep.curve
+    if curve.k:
+        ratios, logs = curve.ratio(sweep.ppl0), curve.log10_ratio(sweep.ppl0)
         rows, classes = [], []
-        for k, ppl, ratio, log in zip(ks, ppls, ratios, logs):
+        for k, ppl, ratio, log in zip(curve.k, curve.ppl, ratios, logs):
             stage = ""
-            if k == sweep.get("k1"):
+            if k == sweep.k1:
                 stage = "onset (k1)"
-            if k == sweep.get("k_star"):
+            if k == sweep.k_star:
                 stage = "collapse (k*)" if not stage else "onset and collapse"
             rows.append([k, ppl, ratio, log, stage])
             classes.append("collapse" if "collapse" in stage else "stage" if stage else "")
@@ -290,55 +282,52 @@ def generations_section(run: Run) -> str:
     return section("generations", "Generations", intro + table(headers, rows, None, None, "gens"))
 
 
-KNOWN_SWEEP_KEYS = {
-    "kind", "criterion", "n_neurons", "ppl0", "k", "ppl", "ratio", "log10_ratio", "k1",
-    "k_star", "random", "timings", "model", "model_fingerprint", "sites", "n_samples",
-    "targets", "masked_evaluations", "by",
-}  # fmt: skip
+# What the parameter table shows of a sweep's ``info`` by name; other plain values follow it.
+SHOWN_INFO = {"model", "model_fingerprint", "sites", "n_samples", "targets", "masked_evaluations"}
 
 
 def parameters_section(run: Run) -> str:
-    sweep, meta = run.sweep, run.meta
-    crit = sweep.get("criterion") or {}
-    ks = sweep.get("k") or []
-    sites = sweep.get("sites") or (run.scores.sites if run.scores is not None else [])
-    fingerprint = sweep.get("model_fingerprint") or meta.get("model_fingerprint")
+    sweep, meta, info = run.sweep, run.meta, run.sweep.info
+    ks = sweep.curve.k
+    sites = info.get("sites") or (run.scores.sites if run.scores is not None else [])
+    fingerprint = info.get("model_fingerprint") or meta.get("model_fingerprint")
     rows: list[list[object]] = [
-        ["model", sweep.get("model") or meta.get("model")],
+        ["model", run.model],
         ["model fingerprint", fingerprint],
         ["data fingerprint", meta.get("data_fingerprint")],
-        ["sweep kind", sweep.get("kind")],
-        ["metric", crit.get("metric")],
-        ["collapse rule", crit.get("collapse")],
-        ["tau", crit.get("tau")],
-        ["onset ratio", crit.get("onset_ratio")],
+        ["sweep kind", sweep.kind],
+        ["metric", sweep.metric],
+        ["collapse rule", COLLAPSE_RULE],
+        ["tau", sweep.tau],
+        ["onset ratio", sweep.onset],
         ["alpha", meta.get("alpha")],
         ["unit", meta.get("unit")],
-        ["targets", sweep.get("targets") or meta.get("targets")],
+        ["targets", info.get("targets") or meta.get("targets")],
         ["objective", meta.get("objective")],
-        ["samples", sweep.get("n_samples") or meta.get("n_samples")],
-        ["neurons in the selected sites", sweep.get("n_neurons")],
+        ["samples", info.get("n_samples") or meta.get("n_samples")],
+        ["neurons in the selected sites", sweep.n_neurons],
         ["sites", f"{len(sites)}: {', '.join(sites)}" if sites else None],
         ["k grid", f"{len(ks)} values, {ks[0]} to {ks[-1]}" if ks else None],
-        ["random seeds", len(run.random_seeds)],
-        ["masked evaluations", sweep.get("masked_evaluations")],
+        ["random seeds", len(sweep.random)],
+        ["masked evaluations", info.get("masked_evaluations")],
         ["scoring time (s)", _number(meta.get("seconds"))],
         ["canfast version (scores)", meta.get("canfast_version")],
         ["canfast version (report)", __version__],
     ]
-    for name, seconds in (sweep.get("timings") or {}).items():
+    for name, seconds in sweep.timings.items():
         rows.append([f"time: {name}", seconds])
-    for key in sorted(set(sweep) - KNOWN_SWEEP_KEYS):
-        value = sweep[key]
+    for key in sorted(set(info) - SHOWN_INFO):
+        value = info[key]
         if isinstance(value, str | int | float | bool) or value is None:
             rows.append([key, value])
     parts = []
     scored_on = meta.get("model_fingerprint")
-    if scored_on and sweep.get("model_fingerprint") and scored_on != sweep["model_fingerprint"]:
+    swept_on = info.get("model_fingerprint")
+    if scored_on and swept_on and scored_on != swept_on:
         parts.append(
             paragraph(
                 f"Warning: the scores were computed on model fingerprint {scored_on}, the sweep "
-                f"ran on {sweep['model_fingerprint']}.",
+                f"ran on {swept_on}.",
                 "note",
             )
         )

@@ -1,4 +1,5 @@
-"""Read a run directory into one object the report draws from.
+"""Read a run directory into one object the report draws from: the sweep through
+:meth:`SweepResult.load`, the scores and the ranking beside it.
 
 Only ``sweep.json`` is required: a sweep given ``--scores`` from elsewhere writes no
 ``scores.safetensors`` or ``neurons.json`` of its own, and a ``random`` sweep writes no
@@ -7,7 +8,6 @@ generations. Each missing piece simply drops its section from the report.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +18,7 @@ from canfast.errors import BadInput
 from canfast.io import read_json
 from canfast.score import Scores
 from canfast.sites import COMPONENTS, KINDS
+from canfast.sweep.result import SweepResult
 
 # Neurons shown in "where the top-k sit" when the run never collapsed, so there is no k*.
 DEFAULT_TOP_K = 16
@@ -55,27 +56,23 @@ class Run:
     """Everything the report shows, read from one run directory."""
 
     path: Path
-    sweep: dict
+    sweep: SweepResult
     scores: Scores | None = None
     top: list[tuple[str, int, float]] = field(default_factory=list)
-    generations: list[dict] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
     @property
     def k_star(self) -> int | None:
-        return self.sweep.get("k_star")
+        return self.sweep.k_star
 
     @property
-    def k1(self) -> int | None:
-        return self.sweep.get("k1")
+    def generations(self) -> list[dict]:
+        return self.sweep.generations
 
     @property
-    def random_seeds(self) -> list[dict]:
-        return list((self.sweep.get("random") or {}).get("seeds") or [])
-
-    @property
-    def random_k_star(self) -> float | None:
-        return (self.sweep.get("random") or {}).get("k_star_median")
+    def model(self) -> str | None:
+        """The model's name, from the sweep or else from the scores."""
+        return self.sweep.info.get("model") or self.meta.get("model")
 
     @property
     def top_k(self) -> int:
@@ -91,12 +88,7 @@ class Run:
 def load_run(run_dir: str | Path) -> Run:
     """Read ``sweep.json`` and whatever else the run directory holds."""
     path = Path(run_dir)
-    if not path.is_dir():
-        raise BadInput(f"run directory not found: {path}")
-    sweep = read_json(path / "sweep.json")
-    if not isinstance(sweep, dict) or "ppl0" not in sweep or "k" not in sweep:
-        raise BadInput(f"{path / 'sweep.json'}: not a canfast sweep (no ppl0 or k)")
-    run = Run(path, sweep)
+    run = Run(path, SweepResult.load(path))
     if (path / "scores.safetensors").is_file():
         run.scores = Scores.load(path / "scores.safetensors")
     else:
@@ -108,8 +100,6 @@ def load_run(run_dir: str | Path) -> Run:
         run.top = _top_from_scores(run.scores, wanted)
     else:
         run.notes.append("neither neurons.json nor scores.safetensors is here: no placement.")
-    if (path / "generations.jsonl").is_file():
-        run.generations = _read_jsonl(path / "generations.jsonl")
     return run
 
 
@@ -140,17 +130,3 @@ def _top_from_scores(scores: Scores, k: int) -> list[tuple[str, int, float]]:
         owner = int(torch.searchsorted(starts, i, right=True)) - 1
         top.append((names[owner], i - int(starts[owner]), value))
     return top
-
-
-def _read_jsonl(path: Path) -> list[dict]:
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise BadInput(f"{path}: malformed JSON on line {number} ({exc.msg})") from None
-        if isinstance(record, dict):
-            records.append(record)
-    return records

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 
+from canfast.sweep.result import SweepResult
+
 # k*/k1 below this reads as one abrupt fall rather than two stages.
 WELL_SEPARATED = 2.0
 
@@ -32,31 +34,23 @@ def times(value: float) -> str:
     return f"{value:.3g}x"
 
 
-def _at(sweep: dict, k: int, key: str = "ratio") -> float | None:
-    for known, value in zip(sweep.get("k") or [], sweep.get(key) or []):
-        if known == k:
-            return value
-    return None
-
-
 def _finite_max(values) -> float | None:
     finite = [v for v in values or [] if v is not None and not math.isnan(v)]
     return max(finite) if finite else None
 
 
-def verdict(sweep: dict) -> list[str]:
+def verdict(sweep: SweepResult) -> list[str]:
     """Sentences, in reading order, on collapse, its two stages, and the random baseline."""
-    crit = sweep.get("criterion") or {}
-    tau = crit.get("tau", 1.0)
-    onset = crit.get("onset_ratio", 1.5)
-    ks = sweep.get("k") or []
-    k1, k_star = sweep.get("k1"), sweep.get("k_star")
+    tau, onset = sweep.tau, sweep.onset
+    ks = sweep.curve.k
+    k1, k_star = sweep.k1, sweep.k_star
     sentences = []
 
     if not ks:
         sentences.append("This was a random-only sweep: no CAN ranking was masked.")
     elif k_star is not None:
-        ratio = _at(sweep, k_star)
+        ppl = sweep.curve.ppl_at(k_star)
+        ratio = None if ppl is None else ppl / sweep.ppl0
         rise = ""
         if ratio is not None:
             rise = f" raises perplexity {times(ratio)}"
@@ -67,7 +61,7 @@ def verdict(sweep: dict) -> list[str]:
             f"neurons{rise} (collapse means log10 of the PPL ratio >= tau = {tau:g})."
         )
     else:
-        peak = _finite_max(sweep.get("ratio"))
+        peak = _finite_max(sweep.curve.ratio(sweep.ppl0))
         peak_text = (
             f"; the perplexity ratio peaked at {times(peak)} (log10 "
             f"{math.log10(max(peak, 1e-300)):.2f}, below tau = {tau:g})"
@@ -115,13 +109,13 @@ def _stages(k1: int | None, k_star: int | None, onset: float, max_k: int) -> str
     )
 
 
-def _baseline(sweep: dict, k_star: int | None) -> str:
-    seeds = (sweep.get("random") or {}).get("seeds") or []
+def _baseline(sweep: SweepResult, k_star: int | None) -> str:
+    seeds = sweep.random
     if not seeds:
         return "No random baseline was run, so CAN cannot be compared with chance here."
-    median = (sweep.get("random") or {}).get("k_star_median")
-    reach = max((max(s.get("k") or [0]) for s in seeds), default=0)
-    collapsed = [s["k_star"] for s in seeds if s.get("k_star") is not None]
+    median = sweep.random_k_star
+    reach = max((s.largest_k or 0 for s in seeds), default=0)
+    collapsed = [s.k_star for s in seeds if s.k_star is not None]
     if median is not None:
         if k_star is None:
             return (

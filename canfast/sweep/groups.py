@@ -3,12 +3,12 @@ live, and how few of them each part needs to collapse the model."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import replace
 
-from canfast.data import Sample
 from canfast.errors import BadInput
-from canfast.model import Model
 from canfast.score import Scores, score
+from canfast.sweep.strategy import SweepJob, run_strategy, site_channels
+from canfast.timing import Timings
 
 GROUPINGS = ("component", "kind", "category")
 
@@ -21,45 +21,46 @@ def _restrict(scores: Scores, sites: list[str]) -> Scores:
     )
 
 
-def sweep_by(
-    by: str,
-    model: Model,
-    samples: Sequence[Sample],
-    scores: Scores,
-    **sweep_options,
-) -> list[dict]:
+def _group_job(job: SweepJob, ranking: Scores, samples=None) -> SweepJob:
+    """``job`` narrowed to one group: its sites (and samples), its own k grid, no generations."""
+    config = replace(job.config, generations=0, by=())
+    ks = config.ks(sum(site_channels(job.model, ranking).values()))
+    samples = job.samples if samples is None else samples
+    return replace(job, samples=samples, ranking=ranking, config=config, ks=ks, timings=Timings())
+
+
+def sweep_by(by: str, job: SweepJob) -> list[dict]:
     """One row per group: its neuron count, onset k1, collapse k*, and the random median k*.
 
     Component and kind groups mask only that group's sites, ranked by the same scores (a
     neuron's score does not depend on which other sites are scored). Category groups are scored
-    and swept on that category's samples alone. ``samples`` must already carry their targets.
+    and swept on that category's samples alone.
     """
-    from canfast.sweep import sweep
-
     if by not in GROUPINGS:
         raise BadInput(f"unknown --by {by!r}; choose {', '.join(GROUPINGS)}")
-    sweep_options = {**sweep_options, "generations": 0, "targets": "given"}
+    scores = job.ranking
+    if not isinstance(scores, Scores):
+        raise BadInput("--by needs scores, not a bare neuron set")
     rows = []
     if by == "category":
-        categories = sorted({s.category for s in samples if s.category is not None})
+        categories = sorted({s.category for s in job.samples if s.category is not None})
         if not categories:
             raise BadInput("--by category, but no sample has a category")
-        unit = scores.meta.get("unit", "out")
-        alpha = float(scores.meta.get("alpha", 0.5))
         for category in categories:
-            subset = [s for s in samples if s.category == category]
+            subset = [s for s in job.samples if s.category == category]
             group_scores = score(
-                model,
+                job.model,
                 subset,
-                alpha=alpha,
-                unit=unit,
+                alpha=float(scores.meta.get("alpha", 0.5)),
+                unit=scores.meta.get("unit", "out"),
                 sites=scores.sites,
                 targets="given",
-                batch_size=sweep_options.get("batch_size", 8),
-                backend=sweep_options.get("backend", "auto"),
-                progress=sweep_options.get("progress", True),
+                batch_size=job.batch_size,
+                objective=job.objective,
+                backend=job.backend,
+                progress=job.progress,
             )
-            result = sweep(model, subset, group_scores, **sweep_options)
+            result = run_strategy(_group_job(job, group_scores, subset))
             rows.append(_row(category, result, len(subset)))
         return rows
     groups: dict[str, list[str]] = {}
@@ -67,8 +68,8 @@ def sweep_by(
         component, _, kind = site_name.split(".")
         groups.setdefault(component if by == "component" else kind, []).append(site_name)
     for group, sites in groups.items():
-        result = sweep(model, samples, _restrict(scores, sites), **sweep_options)
-        rows.append(_row(group, result, len(samples)))
+        result = run_strategy(_group_job(job, _restrict(scores, sites)))
+        rows.append(_row(group, result, len(job.samples)))
     return rows
 
 

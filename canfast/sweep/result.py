@@ -1,9 +1,20 @@
-"""What a sweep found, and its JSON form (``sweep.json``)."""
+"""What a collapse sweep found, its files (``sweep.json``, ``generations.jsonl``) and its
+printed summary."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from canfast.sites import NeuronSet
+from canfast.tables import table
+
+SWEEP_FILE = "sweep.json"
+COLLAPSE_RULE = "log10(ppl_k / ppl_0) >= tau"
+GENERATIONS_FILE = "generations.jsonl"
+# The columns of a --by table, in the order sweep.json stores each row's values.
+BY_COLUMNS = ("group", "n_neurons", "n_samples", "ppl0", "k1", "k_star", "random_k_star")
 
 
 @dataclass
@@ -27,6 +38,18 @@ class Curve:
 
     def ratio(self, ppl0: float) -> list[float]:
         return [p / ppl0 for p in self.ppl]
+
+    def log10_ratio(self, ppl0: float) -> list[float]:
+        """``log10(PPL_k / PPL_0)`` per k: inf for an overflowed perplexity, nan for nan."""
+        return [math.log10(max(r, 1e-300)) if r == r else r for r in self.ratio(ppl0)]
+
+    def ppl_at(self, k: int) -> float | None:
+        """The metric measured at ``k``, or None if this curve has no such k."""
+        return self.ppl[self.k.index(k)] if k in self.k else None
+
+    @property
+    def largest_k(self) -> int | None:
+        return max(self.k, default=None)
 
 
 @dataclass
@@ -64,7 +87,7 @@ class SweepResult:
     def to_json(self) -> dict:
         def curve_json(c: Curve) -> dict:
             out = {"k": c.k, "ppl": c.ppl, "ratio": c.ratio(self.ppl0)}
-            out |= {"log10_ratio": [math.log10(max(r, 1e-300)) for r in out["ratio"]]}
+            out |= {"log10_ratio": c.log10_ratio(self.ppl0)}
             out |= {"k1": c.k1, "k_star": c.k_star}
             if c.seed is not None:
                 out["seed"] = c.seed
@@ -75,7 +98,7 @@ class SweepResult:
             "criterion": {
                 "metric": self.metric,
                 "tau": self.tau,
-                "collapse": "log10(ppl_k / ppl_0) >= tau",
+                "collapse": COLLAPSE_RULE,
                 "onset_ratio": self.onset,
             },
             "n_neurons": self.n_neurons,
@@ -89,6 +112,27 @@ class SweepResult:
             "timings": self.timings,
             **self.info,
         }
+
+    @classmethod
+    def load(cls, run_dir: str | Path) -> SweepResult:
+        """The sweep of a run directory: ``sweep.json``, with ``generations.jsonl`` when it is
+        there. Bad input when the directory or the file is missing or is not a sweep."""
+        from canfast.errors import BadInput
+        from canfast.io import read_json
+
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise BadInput(f"run directory not found: {run_dir}")
+        if not (run_dir / SWEEP_FILE).is_file():
+            raise BadInput(f"{run_dir}: no {SWEEP_FILE} in this run directory")
+        data = read_json(run_dir / SWEEP_FILE)
+        try:
+            result = cls.from_json(data)
+        except (KeyError, TypeError, ValueError):
+            raise BadInput(f"{run_dir / SWEEP_FILE}: not a canfast sweep") from None
+        if (run_dir / GENERATIONS_FILE).is_file():
+            result.generations = _read_jsonl(run_dir / GENERATIONS_FILE)
+        return result
 
     @classmethod
     def from_json(cls, data: dict) -> SweepResult:
@@ -112,6 +156,70 @@ class SweepResult:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+    def write(self, run_dir: Path) -> list[Path]:
+        """Write ``sweep.json`` and ``generations.jsonl`` into ``run_dir``."""
+        from canfast.io import write_json, write_jsonl
+
+        run_dir = Path(run_dir)
+        return [
+            write_json(run_dir / SWEEP_FILE, self.to_json()),
+            write_jsonl(run_dir / GENERATIONS_FILE, self.generations),
+        ]
+
+    def summary_json(self) -> dict:
+        return {
+            "k_star": self.k_star,
+            "k1": self.k1,
+            "random_k_star": self.random_k_star,
+            "ppl0": self.ppl0,
+        }
+
+    def summary(self, ranking: NeuronSet | None = None) -> str:
+        """The curve with its stages, CAN against the random seeds, the top neurons up to k*
+        (from ``ranking``), and one table per ``--by`` grouping."""
+        ratios = self.curve.ratio(self.ppl0)
+        rows = []
+        for k, ratio in zip(self.curve.k, ratios, strict=True):
+            stage = "collapse (k*)" if k == self.k_star else "onset (k1)" if k == self.k1 else ""
+            rows.append([k, ratio * self.ppl0, ratio, math.log10(max(ratio, 1e-300)), stage])
+        lines = [
+            f"PPL_0 = {self.ppl0:.4g} over {self.info.get('n_samples')} samples, "
+            f"{self.n_neurons} neurons in {len(self.info.get('sites', []))} sites"
+        ]
+        if rows:
+            lines.append(table(["k", "ppl", "ratio", "log10 ratio", "stage"], rows))
+        lines.append("")
+        stages = [["CAN", self.k1, self.k_star]]
+        stages += [[f"random seed {c.seed}", c.k1, c.k_star] for c in self.random]
+        stages.append(["random median", self.random_k1, self.random_k_star])
+        lines.append(table(["ordering", "k1", "k*"], stages))
+        if self.k_star is not None and ranking is not None:
+            lines.append("")
+            lines.append("top neurons: " + ", ".join(ranking[: min(self.k_star, 8)].ids()))
+        for grouping, group_rows in self.info.get("by", {}).items():
+            lines.append("")
+            headers = [grouping, "neurons", "samples", "ppl0", "k1", "k*", "random k*"]
+            lines.append(table(headers, [[r[c] for c in BY_COLUMNS] for r in group_rows]))
+        return "\n".join(lines)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    import json
+
+    from canfast.errors import BadInput
+
+    records = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise BadInput(f"{path}: malformed JSON on line {number} ({exc.msg})") from None
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _median(values: list[int | None]) -> float | None:

@@ -98,46 +98,27 @@ def is_caption(sample: Sample) -> bool:
     return sample.prompt == CAPTION_PROMPT
 
 
-def generate(
+def answer_accuracy(
     model: PreTrainedModel,
     processor: ProcessorMixin,
     samples: Sequence[Sample],
-    kind: str,
-    batch_size: int = 64,
-    max_new_tokens: int = 24,
-) -> list[str]:
-    """Greedy answers, stopping at ``</s>``: the decoded new tokens, stripped."""
-    import torch
-
-    from canfast.zoo.inputs import family_of, prompt_batch
-
-    family = family_of(kind)
-    answers: list[str] = []
-    for start in range(0, len(samples), batch_size):
-        inputs = prompt_batch(processor, family, samples[start : start + batch_size])
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-        with torch.no_grad():
-            output = model.generate(**inputs, do_sample=False, max_new_tokens=max_new_tokens)
-        new = output[:, inputs["input_ids"].shape[1] :]
-        answers += [a.strip() for a in processor.batch_decode(new, skip_special_tokens=True)]
-    return answers
-
-
-def evaluate(
-    model: PreTrainedModel,
-    processor: ProcessorMixin,
-    samples: Sequence[Sample],
-    kind: str,
+    family: str,
 ) -> dict:
     """Exact-match accuracy of greedy answers, for captions and for questions separately.
 
-    ``kind`` is the model family (``llava``, ``instructblip``) or a built-in model name; it
-    decides the prompt template. Returns ``captions``, ``answers`` (accuracies in [0, 1], None
-    when there are no such samples), their counts, and the first few mistakes.
+    The answers are ``canfast.generate``'s (24 new tokens at most). ``family`` is the model family
+    (``llava``, ``instructblip``) or a built-in model name, checked against the built-in
+    families. Returns ``captions``, ``answers`` (accuracies in [0, 1], None when there are no
+    such samples), their counts, and the first few mistakes.
     """
     if any(s.target is None for s in samples):
-        raise BadInput("evaluate needs samples with a target")
-    predictions = generate(model, processor, samples, kind)
+        raise BadInput("answer_accuracy needs samples with a target")
+    from canfast import Model, generate
+    from canfast.zoo.inputs import family_of
+
+    family_of(family)
+    wrapped = Model(model, processor)
+    predictions = generate(wrapped, samples, max_new_tokens=24, batch_size=64)
     result: dict = {}
     mistakes = []
     for group, wanted in (("captions", True), ("answers", False)):

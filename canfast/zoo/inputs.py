@@ -1,12 +1,10 @@
-"""How the built-in models see a sample: the prompt templates and teacher-forced batches.
+"""Teacher-forced training batches for the built-in models.
 
-The layout is the one canfast uses for every LLaVA and InstructBLIP model, so the built-in models
-are trained on exactly what they are later scored and masked on:
-
-- LLaVA: ``"USER: <image>\\n{prompt} ASSISTANT:"``; InstructBLIP: ``"{prompt}"``, the processor
-  putting the query placeholders first.
-- The target's tokens (without special tokens) follow the prompt's, then ``</s>``; only those
-  carry a loss.
+Prompt and target ids come from canfast's own encoder for the family
+(:mod:`canfast.adapters.encoders`: its template, its join of prompt and target, ``</s>``), so the
+built-in models are trained on exactly what they are later scored and masked on. Only the
+padding layouts are the trainer's own: it pads the same rows in several ways so that the models
+do not depend on who batches them.
 """
 
 from __future__ import annotations
@@ -15,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from canfast.adapters.encoders import IGNORE
+from canfast.data import Sample
 from canfast.errors import BadInput
 
 if TYPE_CHECKING:
@@ -23,23 +23,15 @@ if TYPE_CHECKING:
 
 FAMILIES = ("llava", "instructblip")
 _ALIASES = {"tiny-llava": "llava", "tiny-instructblip": "instructblip"}
-IGNORE_INDEX = -100
 
 
-def family_of(kind: str) -> str:
+def family_of(name: str) -> str:
     """``"llava"`` or ``"instructblip"`` from a family, built-in model name or model_type."""
-    family = _ALIASES.get(kind, kind)
+    family = _ALIASES.get(name, name)
     if family not in FAMILIES:
         valid = ", ".join([*FAMILIES, *_ALIASES])
-        raise BadInput(f"unknown model kind {kind!r}; valid: {valid}")
+        raise BadInput(f"unknown model family {name!r}; valid: {valid}")
     return family
-
-
-def format_prompt(family: str, prompt: str) -> str:
-    """The text the processor gets for ``prompt``, as canfast's adapters format it."""
-    if family == "llava":
-        return f"USER: <image>\n{prompt} ASSISTANT:"
-    return prompt
 
 
 @dataclass
@@ -59,31 +51,35 @@ class PromptCache:
     """
 
     def __init__(self, processor, family: str, image: Image.Image) -> None:
-        self.processor = processor
-        self.family = family
+        from canfast.adapters import adapter_for
+
+        self.encoder = adapter_for(family).encoder(processor, "causal")
         self.image = image
-        self.eos = processor.tokenizer.eos_token_id
         self._prompts: dict[str, tuple[list[int], list[int] | None]] = {}
-        self._targets: dict[str, list[int]] = {}
+        self._targets: dict[tuple[str, str], list[int]] = {}
 
     def prompt(self, prompt: str) -> tuple[list[int], list[int] | None]:
         """The language model's ids of the formatted prompt, and the Q-Former's (or None)."""
         if prompt not in self._prompts:
-            text = format_prompt(self.family, prompt)
-            encoding = self.processor(images=[self.image], text=[text])
+            sample = Sample(self.image, prompt)
+            encoding = self.encoder.process(sample, self.encoder.prompt_text(sample))
             qformer = encoding.get("qformer_input_ids")
             self._prompts[prompt] = (
-                list(encoding["input_ids"][0]),
-                list(qformer[0]) if qformer is not None else None,
+                encoding["input_ids"][0].tolist(),
+                qformer[0].tolist() if qformer is not None else None,
             )
         return self._prompts[prompt]
 
     def encode(self, prompt: str, target: str) -> Encoded:
-        if target not in self._targets:
-            ids = self.processor.tokenizer(target, add_special_tokens=False)["input_ids"]
-            self._targets[target] = [*ids, self.eos]
         prompt_ids, qformer_ids = self.prompt(prompt)
-        return Encoded(prompt_ids, self._targets[target], qformer_ids)
+        key = (prompt, target)
+        if key not in self._targets:
+            text = self.encoder.prompt_text(Sample(None, prompt))
+            replaced, ids = self.encoder.target_ids(text, target)
+            if replaced:
+                raise ValueError(f"the built-in vocabulary splits {prompt!r} from {target!r}")
+            self._targets[key] = [*ids, *self.encoder.eos()]
+        return Encoded(prompt_ids, self._targets[key], qformer_ids)
 
 
 # Where the language model's padding goes. canfast pads whole rows: prompts on the left for
@@ -115,7 +111,7 @@ def collate(
     length = max(len(s) for s in sequences)
     input_ids = torch.full((len(encoded), length), pad_id, dtype=torch.long)
     attention = torch.zeros((len(encoded), length), dtype=torch.long)
-    labels = torch.full((len(encoded), length), IGNORE_INDEX, dtype=torch.long)
+    labels = torch.full((len(encoded), length), IGNORE, dtype=torch.long)
     for row, (e, sequence) in enumerate(zip(encoded, sequences, strict=True)):
         pad = length - len(sequence)
         if layout == "left":
@@ -145,36 +141,6 @@ def collate(
     return batch
 
 
-def prompt_batch(processor, family: str, samples: Sequence) -> dict[str, torch.Tensor]:
-    """Prompts ready for ``generate()``, batched as canfast batches them: each sample through
-    the processor alone, then rows padded on the left and the Q-Former's text on the right."""
-    import torch
-
-    rows = [
-        processor(images=[s.image], text=[format_prompt(family, s.prompt)], return_tensors="pt")
-        for s in samples
-    ]
-    batch = {"pixel_values": torch.cat([row["pixel_values"] for row in rows])}
-    pads = {"input_ids": processor.tokenizer.pad_token_id, "qformer_input_ids": 0}
-    qformer = getattr(processor, "qformer_tokenizer", None)
-    if qformer is not None:
-        pads["qformer_input_ids"] = qformer.pad_token_id
-    for key, side in (("input_ids", "left"), ("qformer_input_ids", "right")):
-        if key not in rows[0]:
-            continue
-        mask_key = key.replace("input_ids", "attention_mask")
-        width = max(row[key].shape[1] for row in rows)
-        ids = torch.full((len(rows), width), pads[key], dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = row[key].shape[1]
-            where = slice(width - n, None) if side == "left" else slice(None, n)
-            ids[i, where] = row[key][0]
-            mask[i, where] = 1
-        batch[key], batch[mask_key] = ids, mask
-    return batch
-
-
 def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per sample: is every target token (and ``</s>``) the argmax given the tokens before it?
 
@@ -183,5 +149,5 @@ def teacher_forced_exact(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     """
     predicted = logits[:, :-1].argmax(-1)
     wanted = labels[:, 1:]
-    counted = wanted != IGNORE_INDEX
+    counted = wanted != IGNORE
     return ((predicted == wanted) | ~counted).all(-1)

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 IMAGE_SIZE = 32
 QUADRANT = IMAGE_SIZE // 2
 
-KINDS = ("circle", "square", "triangle", "diamond", "cross")
+SHAPE_KINDS = ("circle", "square", "triangle", "diamond", "cross")
 COLOURS = {
     "red": (220, 40, 40),
     "green": (40, 190, 60),
@@ -168,7 +168,7 @@ def make_scene(seed: int) -> Scene:
     """The scene of a seed: one or two shapes, each of its own kind and in its own quadrant."""
     rng = random.Random(seed)
     count = rng.choice((1, 2))
-    kinds = rng.sample(KINDS, count)
+    kinds = rng.sample(SHAPE_KINDS, count)
     quadrants = sorted(rng.sample(range(len(POSITIONS)), count))
     shapes = []
     for kind, quadrant in zip(kinds, quadrants, strict=True):
@@ -211,7 +211,7 @@ def vocabulary() -> list[str]:
     """Every word a prompt, caption or answer can contain, sorted."""
     words = set(CAPTION_PROMPT.split())
     words |= {"a", "at", "the", "and", "one", "two"}
-    words |= set(KINDS) | set(COLOURS) | set(SIZES)
+    words |= set(SHAPE_KINDS) | set(COLOURS) | set(SIZES)
     words |= {w for position in POSITIONS for w in position.split()}
     probe = Scene(seed=-1, shapes=(Shape("circle", "red", "small", POSITIONS[0], 0, 0),))
     rng = random.Random(0)

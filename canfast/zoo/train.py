@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from canfast.zoo import BUILTIN_MODELS, WEIGHTS_DIR, evaluate, evaluation_samples
+from canfast.zoo import BUILTIN_MODELS, WEIGHTS_DIR, answer_accuracy, evaluation_samples
 from canfast.zoo.build import SEED, build
 from canfast.zoo.inputs import (
     LAYOUTS,
@@ -39,9 +39,9 @@ from canfast.zoo.inputs import (
 from canfast.zoo.scenes import (
     CAPTION_PROMPT,
     COLOURS,
-    KINDS,
     POSITIONS,
     QUESTION_TYPES,
+    SHAPE_KINDS,
     SIZES,
     scenes,
 )
@@ -90,12 +90,12 @@ class TrainingData:
         import torch
 
         labels = torch.empty((len(self.scenes), len(POSITIONS), 3), dtype=torch.long)
-        labels[..., 0], labels[..., 1], labels[..., 2] = len(KINDS), len(COLOURS), len(SIZES)
+        labels[..., 0], labels[..., 1], labels[..., 2] = len(SHAPE_KINDS), len(COLOURS), len(SIZES)
         for row, scene in enumerate(self.scenes):
             for shape in scene.shapes:
                 labels[row, POSITIONS.index(shape.position)] = torch.tensor(
                     [
-                        KINDS.index(shape.kind),
+                        SHAPE_KINDS.index(shape.kind),
                         list(COLOURS).index(shape.colour),
                         list(SIZES).index(shape.size),
                     ]
@@ -191,7 +191,7 @@ def _pretrain_vision(model, family: str, data: TrainingData, steps: int) -> list
     import torch
 
     labels = data.quadrant_labels()
-    classes = (len(KINDS) + 1, len(COLOURS) + 1, len(SIZES) + 1)
+    classes = (len(SHAPE_KINDS) + 1, len(COLOURS) + 1, len(SIZES) + 1)
     width = model.config.vision_config.hidden_size
     patch_probes = torch.nn.ModuleList(torch.nn.Linear(width, n) for n in classes)
     where_probe = torch.nn.Linear(width, len(POSITIONS))
@@ -323,7 +323,7 @@ def train(
 
     saved = AutoModelForImageTextToText.from_pretrained(target, dtype=torch.float32).eval()
     saved_processor = AutoProcessor.from_pretrained(target)
-    accuracy = evaluate(saved, saved_processor, evaluation_samples(evaluation_scenes), name)
+    accuracy = answer_accuracy(saved, saved_processor, evaluation_samples(evaluation_scenes), name)
     summary = {
         "model": name,
         "parameters": parameters,

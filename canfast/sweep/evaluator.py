@@ -1,4 +1,4 @@
-"""The sweep engine: the collapse metric of many neuron sets, several sets per forward pass.
+"""The sweep evaluator: the collapse metric of many neuron sets, several sets per forward pass.
 
 For the teacher-forced metric, ``masks_per_pass`` sets share one forward: the batch is stacked
 once per set and each block gets its own mask (``masked_linear`` with ``[M, C]`` masks), which

@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 
 from canfast.sites import NeuronSet
-from canfast.sweep.engine import Evaluator
+from canfast.sweep.evaluator import Evaluator
 from canfast.sweep.result import Curve
 
 
@@ -20,7 +20,7 @@ def degraded(ppl: float, ppl0: float, onset: float) -> bool:
 
 
 def trace(
-    evaluate: Evaluator,
+    evaluator: Evaluator,
     ordering: NeuronSet,
     ks: list[int],
     ppl0: float,
@@ -34,20 +34,20 @@ def trace(
     metric does not fall as k grows between two grid points.
     """
     curve = Curve()
-    step = evaluate.masks_per_pass
+    step = evaluator.masks_per_pass
     for start in range(0, len(ks), step):
         group = ks[start : start + step]
-        for k, ppl in zip(group, evaluate([ordering[:k] for k in group]), strict=True):
+        for k, ppl in zip(group, evaluator([ordering[:k] for k in group]), strict=True):
             curve.add(k, ppl)
         if any(collapsed(p, ppl0, tau) for p in curve.ppl):
             break
-    curve.k1 = _first(evaluate, ordering, curve, lambda p: degraded(p, ppl0, onset), refine)
-    curve.k_star = _first(evaluate, ordering, curve, lambda p: collapsed(p, ppl0, tau), refine)
+    curve.k1 = _first(evaluator, ordering, curve, lambda p: degraded(p, ppl0, onset), refine)
+    curve.k_star = _first(evaluator, ordering, curve, lambda p: collapsed(p, ppl0, tau), refine)
     return curve
 
 
 def _first(
-    evaluate: Evaluator,
+    evaluator: Evaluator,
     ordering: NeuronSet,
     curve: Curve,
     reached: Callable[[float], bool],
@@ -61,10 +61,10 @@ def _first(
     lo = max((k for k in curve.k if k < hi), default=0)
     while refine and hi - lo > 1:
         # Probe up to masks_per_pass evenly spaced points at once: an M-ary search.
-        n = min(evaluate.masks_per_pass, hi - lo - 1)
+        n = min(evaluator.masks_per_pass, hi - lo - 1)
         probes = sorted({lo + max(1, round((hi - lo) * (i + 1) / (n + 1))) for i in range(n)})
         probes = [k for k in probes if lo < k < hi]
-        for k, ppl in zip(probes, evaluate([ordering[:k] for k in probes]), strict=True):
+        for k, ppl in zip(probes, evaluator([ordering[:k] for k in probes]), strict=True):
             curve.add(k, ppl)
         for k in probes:
             ppl = curve.ppl[curve.k.index(k)]

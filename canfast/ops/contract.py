@@ -1,0 +1,460 @@
+"""Each op of canfast declared once: signature, checks, error texts and autograd.
+
+The public functions check their arguments, bring them into the canonical form every backend
+takes (see :class:`canfast.ops.registry.Backend`), and call a ``torch.library`` custom op that
+runs the chosen backend's kernel. The custom ops carry fake (meta) implementations, so the ops
+trace under ``torch.compile``, and ``masked_linear`` has its one autograd formula here: a
+masked linear layer whose backward gives ``dL/dx`` only (weights are frozen) and, with a
+:class:`ScoreSink`, adds the CAN score of the layer's output (unit ``out``: ``y`` and ``dL/dy``)
+or input (unit ``mid``: ``x`` and ``dL/dx``, in the epilogue of the ``dL/dx`` product).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from canfast.ops.registry import ScoreFeed, by_name, kernels_for
+
+UNITS = ("out", "mid")
+
+
+def check_alpha(alpha: float) -> float:
+    """``alpha`` as a float, or ValueError unless it lies in [0, 1]."""
+    alpha = float(alpha)
+    if not (math.isfinite(alpha) and 0.0 <= alpha <= 1.0):
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
+    return alpha
+
+
+def _check_tensors(op: str, **tensors: Tensor | None) -> None:
+    device = None
+    for name, t in tensors.items():
+        if t is None:
+            continue
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if device is None:
+            device = t.device
+        elif t.device != device:
+            raise ValueError(f"{op}: tensors on {device} and {t.device}; put them on one device")
+
+
+def _check_valid(
+    valid: Tensor | None, samples: int, steps: int, name: str = "valid"
+) -> Tensor | None:
+    if valid is None:
+        return None
+    if valid.shape != (samples, steps):
+        raise ValueError(f"{name} must be [{samples}, {steps}], got {tuple(valid.shape)}")
+    if valid.dtype.is_floating_point or valid.is_complex():
+        raise ValueError(f"{name} must be a bool (or integer 0/1) mask, got {valid.dtype}")
+    return valid if valid.dtype == torch.bool else valid != 0
+
+
+# ----------------------------------------------------------------------------------------------
+# score_accumulate
+
+
+def _eager(op: torch.library.CustomOpDef, impl: Callable) -> Callable:
+    """The custom op while torch.compile traces, else its implementation called directly: the
+    dispatcher's round trip costs more than a small layer's product, and eager needs none of it.
+    """
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else impl(*args)
+
+    return call
+
+
+def _score_accumulate_impl(
+    a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None, backend: str
+) -> None:
+    by_name(backend).score_accumulate(a, g, alpha, out, valid)
+
+
+_score_accumulate_op = torch.library.custom_op(
+    "canfast::score_accumulate", _score_accumulate_impl, mutates_args=("out",)
+)
+_score_accumulate = _eager(_score_accumulate_op, _score_accumulate_impl)
+
+
+@_score_accumulate_op.register_fake
+def _(a: Tensor, g: Tensor, alpha: float, out: Tensor, valid: Tensor | None, backend: str) -> None:
+    return None
+
+
+def score_accumulate(
+    a: Tensor,
+    g: Tensor,
+    alpha: float,
+    out: Tensor,
+    valid: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Add per-sample, per-channel sums of ``|g|**alpha * |a|``, ``|a|`` and ``|g|`` to ``out``.
+
+    ``a``, ``g``: ``[B, T, C]`` of one dtype (any strides); ``valid``: bool ``[B, T]`` or None
+    (every row); ``out``: float32 ``[B, 3, C]``, added to and returned. ``|g|**0`` is 1, also for
+    ``g = 0``, as in ``torch.pow``.
+    """
+    _check_tensors("score_accumulate", a=a, g=g, out=out, valid=valid)
+    if a.dim() != 3:
+        raise ValueError(f"a must be [B, T, C], got shape {tuple(a.shape)}")
+    if g.shape != a.shape:
+        raise ValueError(f"g {tuple(g.shape)} must have the shape of a {tuple(a.shape)}")
+    if g.dtype != a.dtype:
+        raise ValueError(f"a and g must share a dtype, got {a.dtype} and {g.dtype}")
+    batch, steps, channels = a.shape
+    if out.dtype != torch.float32 or out.shape != (batch, 3, channels):
+        raise ValueError(
+            f"out must be float32 [{batch}, 3, {channels}], got {out.dtype} {tuple(out.shape)}"
+        )
+    alpha = check_alpha(alpha)
+    valid = _check_valid(valid, batch, steps)
+    chosen = kernels_for(backend, "score_accumulate", a)
+    if a.numel():
+        _score_accumulate(a, g, alpha, out, valid, chosen.name)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# masked_linear
+
+
+@dataclass
+class ScoreSink:
+    """Where the backward of :func:`masked_linear` adds a CAN score.
+
+    ``out`` is float32 ``[B, 3, C]`` (the three sums of :func:`score_accumulate`, added to);
+    the layer's rows, flattened, split into ``B`` samples of equal length ``T``, of which
+    ``valid`` (bool ``[B, T]`` or None) keeps the real ones. Unit ``out`` scores the output
+    (``C = N``: ``y`` and ``dL/dy``); unit ``mid`` the input (``C = K``: ``x`` and ``dL/dx``).
+    """
+
+    alpha: float
+    out: Tensor
+    valid: Tensor | None = None
+    unit: str = "out"
+
+
+def _canonical_mask(mask: Tensor | None, name: str, x: Tensor, channels: int) -> Tensor | None:
+    """``mask`` ([C] or [M, C]) as [M, C] in x's dtype, its M dividing x's first dimension."""
+    if mask is None:
+        return None
+    if not isinstance(mask, Tensor):
+        raise ValueError(f"masked_linear: {name} must be a tensor, got {type(mask).__name__}")
+    if mask.dim() not in (1, 2) or mask.shape[-1] != channels:
+        raise ValueError(f"{name} must be [{channels}] or [M, {channels}], got {tuple(mask.shape)}")
+    if mask.is_complex():
+        raise ValueError(f"{name} must be real, got {mask.dtype}")
+    if mask.dim() == 2:
+        if x.dim() < 2:
+            raise ValueError(f"a batch of masks ({name} {tuple(mask.shape)}) needs x with rows")
+        blocks = mask.shape[0]
+        if blocks == 0 or x.shape[0] % blocks:
+            raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
+    # The reference multiplies by mask.to(x.dtype): every backend sees those values.
+    return mask.to(x.dtype).reshape(-1, channels)
+
+
+def _check_sink(sink: ScoreSink, rows: int, n_out: int, n_in: int) -> tuple[Tensor | None, float]:
+    if sink.unit not in UNITS:
+        raise ValueError(f"sink.unit must be 'out' or 'mid', got {sink.unit!r}")
+    channels = n_out if sink.unit == "out" else n_in
+    out = sink.out
+    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1:] != (3, channels):
+        shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+        raise ValueError(f"sink.out must be [B, 3, {channels}], got {shape}")
+    if out.dtype != torch.float32:
+        raise ValueError(f"sink.out must be float32, got {out.dtype}")
+    samples = out.shape[0]
+    if samples == 0 or rows % samples:
+        raise ValueError(f"{rows} rows do not split into {samples} samples")
+    valid = _check_valid(sink.valid, samples, rows // samples, "sink.valid")
+    return valid, check_alpha(sink.alpha)
+
+
+def _masked_linear_impl(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    out_mask: Tensor | None,
+    in_mask: Tensor | None,
+    sink_out: Tensor | None,
+    sink_valid: Tensor | None,
+    alpha: float,
+    sink_unit: str,
+    dx_wanted: bool,
+    backend: str,
+) -> Tensor:
+    # The sink arguments are for the backward (see _setup_context); the forward ignores them.
+    return by_name(backend).masked_linear(x, weight, bias, out_mask, in_mask)
+
+
+_masked_linear_op = torch.library.custom_op(
+    "canfast::masked_linear", _masked_linear_impl, mutates_args=()
+)
+
+
+@_masked_linear_op.register_fake
+def _(x: Tensor, weight: Tensor, *args) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _masked_linear_backward_impl(
+    grad_y: Tensor,
+    weight: Tensor,
+    out_mask: Tensor | None,
+    in_mask: Tensor | None,
+    scored: Tensor | None,
+    sink_out: Tensor | None,
+    sink_valid: Tensor | None,
+    alpha: float,
+    sink_unit: str,
+    dx_wanted: bool,
+    backend: str,
+) -> Tensor:
+    kernels = by_name(backend)
+    grad_y = grad_y.to(weight.dtype)
+    feed = None
+    if sink_out is not None:
+        samples = sink_out.shape[0]
+        if sink_unit == "out":
+            # Unit out needs no product: the score of (y, dL/dy) is one pass before it.
+            g = grad_y.reshape(samples, -1, grad_y.shape[-1])
+            kernels.score_accumulate(scored.reshape(g.shape), g, alpha, sink_out, sink_valid)
+        else:
+            a = scored.reshape(samples, -1, scored.shape[-1])
+            feed = ScoreFeed(a, alpha, sink_out, sink_valid)
+    if _dx_shape(grad_y, weight, sink_out, sink_unit, dx_wanted) == (0,):
+        return grad_y.new_empty(0)
+    return kernels.masked_linear_backward(grad_y, weight, out_mask, in_mask, feed)
+
+
+def _dx_shape(
+    grad_y: Tensor, weight: Tensor, sink_out: Tensor | None, sink_unit: str, dx_wanted: bool
+) -> tuple[int, ...]:
+    """What the backward op returns: dL/dx, or an empty stand-in when nothing needs it (not the
+    caller, nor a unit-mid score)."""
+    if dx_wanted or (sink_out is not None and sink_unit == "mid"):
+        return (grad_y.shape[0], weight.shape[1])
+    return (0,)
+
+
+_masked_linear_backward_op = torch.library.custom_op(
+    "canfast::masked_linear_backward", _masked_linear_backward_impl, mutates_args=("sink_out",)
+)
+_masked_linear_backward = _eager(_masked_linear_backward_op, _masked_linear_backward_impl)
+
+
+@_masked_linear_backward_op.register_fake
+def _(grad_y: Tensor, weight: Tensor, *args) -> Tensor:
+    sink_out, sink_unit, dx_wanted = args[3], args[6], args[7]  # the impl's argument order
+    return grad_y.new_empty(_dx_shape(grad_y, weight, sink_out, sink_unit, dx_wanted))
+
+
+def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
+    x, weight, _, out_mask, in_mask, sink_out, sink_valid, alpha, unit, dx_wanted, backend = inputs
+    scored = None
+    if sink_out is not None:
+        # The score needs the activation back: y for unit out, x for unit mid.
+        scored = output if unit == "out" else x
+    ctx.save_for_backward(weight, out_mask, in_mask, scored, sink_out, sink_valid)
+    ctx.options = (alpha, unit, dx_wanted, backend)
+
+
+def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    weight, out_mask, in_mask, scored, sink_out, sink_valid = ctx.saved_tensors
+    alpha, unit, dx_wanted, backend = ctx.options
+    dx_wanted = dx_wanted and ctx.needs_input_grad[0]
+    dx = _masked_linear_backward(
+        grad_y,
+        weight,
+        out_mask,
+        in_mask,
+        scored,
+        sink_out,
+        sink_valid,
+        alpha,
+        unit,
+        dx_wanted,
+        backend,
+    )
+    return (dx if dx_wanted else None,) + (None,) * 10
+
+
+_masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _MaskedLinearFunction(torch.autograd.Function):
+    """The eager face of the same op: the formula above, without the dispatcher's round trip."""
+
+    @staticmethod
+    def forward(ctx, *inputs) -> Tensor:
+        output = _masked_linear_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        return _backward(ctx, grad_y)
+
+
+def _masked_linear(*inputs) -> Tensor:
+    if torch.compiler.is_compiling():
+        return _masked_linear_op(*inputs)
+    if torch.is_grad_enabled() and inputs[0].requires_grad:
+        return _MaskedLinearFunction.apply(*inputs)
+    return _masked_linear_impl(*inputs)
+
+
+def masked_linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    out_mask: Tensor | None = None,
+    in_mask: Tensor | None = None,
+    sink: ScoreSink | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``y = ((x * in_mask) @ weight.T + bias) * out_mask``, differentiable in ``x`` only.
+
+    ``x``: ``[..., K]``; ``weight``: ``[N, K]`` in x's dtype, any strides (pass a GPT-2
+    ``Conv1D`` weight as ``weight.t()``, no copy); ``bias``: ``[N]`` or None; ``out_mask``
+    ``[N]`` / ``[M, N]`` and ``in_mask`` ``[K]`` / ``[M, K]``, where a batch of ``M`` masks
+    splits the first dimension of ``x`` into ``M`` equal blocks, block ``m`` using mask ``m``.
+    ``sink`` (:class:`ScoreSink`) gets the CAN score sums added by the backward pass; a sink
+    where no backward will run is an error. Weight and bias never receive gradients.
+    """
+    _check_tensors(
+        "masked_linear", x=x, weight=weight, bias=bias, out_mask=out_mask, in_mask=in_mask
+    )
+    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"x [..., K] and weight [N, K] do not match: {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight ({weight.dtype}) must have x's dtype ({x.dtype})")
+    n_out, n_in = weight.shape
+    if bias is not None and (bias.shape != (n_out,) or not bias.dtype.is_floating_point):
+        raise ValueError(f"bias must be a float [{n_out}], got {bias.dtype} {tuple(bias.shape)}")
+    chosen = kernels_for(backend, "masked_linear", x).name
+    om = _canonical_mask(out_mask, "out_mask", x, n_out)
+    im = _canonical_mask(in_mask, "in_mask", x, n_in)
+    bias = bias.to(x.dtype) if bias is not None else None
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, n_in)
+    # Only x's gradient is ever computed: weights requiring grad do not make a graph.
+    tracked = torch.is_grad_enabled() and x.requires_grad
+    sink_out = sink_valid = None
+    alpha, unit, dx_wanted = 0.0, "out", x.requires_grad
+    if sink is not None:
+        if not torch.is_grad_enabled():
+            raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
+        _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
+        sink_valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
+        sink_out, unit = sink.out, sink.unit
+        if not x.requires_grad:
+            # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a fresh
+            # leaf starts the graph here, and its gradient is not computed unless unit mid
+            # scores it.
+            x2 = x2.detach().requires_grad_()
+        tracked = True
+    if not tracked:
+        with torch.no_grad():
+            y = _masked_linear(x2, weight, bias, om, im, None, None, 0.0, "out", False, chosen)
+    else:
+        y = _masked_linear(
+            x2, weight, bias, om, im, sink_out, sink_valid, alpha, unit, dx_wanted, chosen
+        )
+    return y.reshape(*lead, n_out)
+
+
+# ----------------------------------------------------------------------------------------------
+# ablate_expand
+
+
+def _ablate_expand_impl(
+    y: Tensor, neurons: Tensor, mid: Tensor | None, weight: Tensor | None, backend: str
+) -> Tensor:
+    limit = mid.shape[-1] if mid is not None else y.shape[-1]
+    if neurons.numel():
+        # An index out of range would read or miss memory in a kernel; torch indexing (the
+        # reference) raises IndexError, and so does every backend. One small host sync.
+        low, high = (int(v) for v in torch.aminmax(neurons))
+        if low < -limit or high >= limit:
+            raise IndexError(f"neuron index out of range for {limit} channels: [{low}, {high}]")
+    index = torch.where(neurons < 0, neurons + limit, neurons).contiguous()
+    return by_name(backend).ablate_expand(y, index, mid, weight)
+
+
+_ablate_expand_op = torch.library.custom_op(
+    "canfast::ablate_expand", _ablate_expand_impl, mutates_args=()
+)
+_ablate_expand = _eager(_ablate_expand_op, _ablate_expand_impl)
+
+
+@_ablate_expand_op.register_fake
+def _(y: Tensor, neurons: Tensor, *args) -> Tensor:
+    return y.new_empty(neurons.shape[0], *y.shape)
+
+
+def ablate_expand(
+    y: Tensor,
+    neurons: Tensor,
+    mid: Tensor | None = None,
+    weight: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """Return ``[n, *y.shape]``: copy ``i`` is ``y`` with neuron ``neurons[i]`` removed.
+
+    Unit ``out`` (``mid`` is None): channel ``neurons[i]`` of ``y`` is zeroed (bit-exact copies).
+    Unit ``mid``: ``y`` is a down projection's output ``[..., N]``, ``mid`` its input
+    ``[..., K]`` and ``weight`` its ``[N, K]`` matrix (any strides); copy ``i`` is
+    ``y - mid[..., j] * weight[:, j]`` computed in float32 and rounded once. Negative neurons
+    count from the end; out-of-range ones raise IndexError. Not differentiable.
+    """
+    _check_tensors("ablate_expand", y=y, mid=mid, weight=weight)
+    if y.dim() == 0:
+        raise ValueError("y must have a channel dimension")
+    if (
+        not isinstance(neurons, Tensor)
+        or neurons.dim() != 1
+        or neurons.dtype.is_floating_point
+        or neurons.dtype == torch.bool
+        or neurons.is_complex()
+    ):
+        what = f"{neurons.dtype} {tuple(neurons.shape)}" if isinstance(neurons, Tensor) else neurons
+        raise ValueError(f"neurons must be 1-D integers, got {what}")
+    channels = y.shape[-1]
+    if mid is None:
+        if weight is not None:
+            raise ValueError("weight is only used with mid (unit mid); unit out takes neither")
+    else:
+        if weight is None or weight.dim() != 2 or mid.dim() != y.dim():
+            raise ValueError("unit mid needs mid [..., K] shaped like y and weight [N, K]")
+        if mid.shape[:-1] != y.shape[:-1] or weight.shape != (channels, mid.shape[-1]):
+            raise ValueError(
+                f"y {tuple(y.shape)}, mid {tuple(mid.shape)} and weight {tuple(weight.shape)} "
+                "do not match (y [..., N], mid [..., K], weight [N, K])"
+            )
+        if mid.dtype != y.dtype or weight.dtype != y.dtype:
+            raise ValueError(
+                f"y, mid and weight must share a dtype: {y.dtype}, {mid.dtype}, {weight.dtype}"
+            )
+    chosen = kernels_for(backend, "ablate_expand", y).name
+    rows = y.shape[:-1].numel()
+    neurons = neurons.to(device=y.device, dtype=torch.int64)
+    mid2 = mid.reshape(rows, mid.shape[-1]) if mid is not None else None
+    out = _ablate_expand(y.reshape(rows, channels), neurons, mid2, weight, chosen)
+    return out.reshape(neurons.shape[0], *y.shape)
