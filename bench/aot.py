@@ -81,21 +81,26 @@ def resource_table(rows: list[report.Row]) -> str:
     from canfast.kernels._resources import RESOURCES
 
     # The kernels compiled in this run replace their entries; the others are kept.
-    table = {k: v for k, v in RESOURCES.items() if k not in {row.kernel for row in rows}}
+    table = {
+        kernel: {(key + ("",))[:4]: value for key, value in entries.items()}
+        for kernel, entries in RESOURCES.items()
+        if kernel not in {row.kernel for row in rows}
+    }
     for row in rows:
-        key = (row.arch, row.dtype, row.config)
+        key = (row.arch, row.dtype, row.config, row.split)
         shared, spilled = table.setdefault(row.kernel, {}).get(key, (0, False))
         table[row.kernel][key] = (
             max(shared, row.shared),
             spilled or bool(row.spill_stores or row.spill_loads),
         )
     lines = [
-        '"""Compiled resources of the autotune configs, per kernel: (arch, dtype, config) ->',
-        "(shared memory in bytes, whether any compiled variant spills). Written by ``python",
+        '"""Compiled resources of the autotune configs, per kernel: (arch, dtype, config,',
+        "split) ->"
+        " (shared memory in bytes, whether any compiled variant spills). Written by ``python",
         "bench/aot.py --subset heavy --resources`` from the ahead-of-time report",
         '(canfast.kernels.report); the autotuners prune by it (_common.keeps). Do not edit."""',
         "",
-        "RESOURCES: dict[str, dict[tuple[str, str, str], tuple[int, bool]]] = {",
+        "RESOURCES: dict[str, dict[tuple[str, str, str, str], tuple[int, bool]]] = {",
     ]
     for kernel in sorted(table):
         lines.append(f"    {kernel!r}: {{")
@@ -197,13 +202,13 @@ def main(argv: list[str] | None = None) -> int:
     meta.setdefault("runs", []).append({k: meta[k] for k in ("subset", "kernels", "wall_s")})
     all_rows = kept + report.as_json(rows)
     names = [f.name for f in fields(report.Row)]
-    table_rows = [report.Row(**{n: r[n] for n in names}) for r in all_rows]
+    table_rows = [report.Row(**{n: r[n] for n in names if n in r}) for r in all_rows]
     # Whether the autotuner drops a row follows the table as it is now.
     modules = {report.kernel_name(m): m for m in report.KERNEL_MODULES}
     for row in table_rows:
         aot = report.spec(modules[row.kernel])
         config = next(c for c in aot.configs if report.config_label(c) == row.config)
-        row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch)
+        row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch, row.split)
     all_rows = report.as_json(table_rows)
     bad = [r for r in table_rows if r.problems and not r.pruned]
     runs = "; ".join(

@@ -75,7 +75,7 @@ def load_rows() -> list[report.Row]:
     """The rows of the last ``bench/aot.py`` run (subset ``heavy`` or larger)."""
     names = [f.name for f in fields(report.Row)]
     data = json.loads(RESULTS.read_text())
-    return [report.Row(**{n: r[n] for n in names}) for r in data["rows"]]
+    return [report.Row(**{n: r[n] for n in names if n in r}) for r in data["rows"]]
 
 
 def _ok(rows, kernel, arch, variant):

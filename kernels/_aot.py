@@ -61,6 +61,9 @@ class AotSpec:
     # The variants with the most register pressure: the compiled-resource table that the
     # autotuner prunes by is built from every config and dtype in these (all, if empty).
     heavy: Sequence[str] = ()
+    # A constexpr whose value splits the table: configs are pruned separately for each value
+    # (masked_linear's SCORE epilogue needs more registers than the plain matmul).
+    table_split: str | None = None
 
     def __post_init__(self) -> None:
         for name, kind in self.args.items():

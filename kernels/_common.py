@@ -89,25 +89,28 @@ def config_label(config: triton.Config) -> str:
     return f"{blocks} s{config.num_stages} w{config.num_warps}"
 
 
-def keeps(kernel: str, arch: str, dtype: str, config: triton.Config, shared_limit: int) -> bool:
+def keeps(
+    kernel: str, arch: str, dtype: str, config: triton.Config, shared_limit: int, split: str = ""
+) -> bool:
     """Whether the compiled-resource table lets ``config`` run: no spills, and shared memory
     within ``shared_limit``. A config missing from the table is kept (nothing is known)."""
     from ._resources import RESOURCES
 
-    entry = RESOURCES.get(kernel, {}).get((arch, dtype, config_label(config)))
+    entry = RESOURCES.get(kernel, {}).get((arch, dtype, config_label(config), split))
     if entry is None:
         return True
     shared, spilled = entry
     return not spilled and shared <= shared_limit
 
 
-def prune_by_resources(kernel: str, data_arg: str):
+def prune_by_resources(kernel: str, data_arg: str, split: str | None = None):
     """An ``early_config_prune`` for ``triton.autotune``: drop the configs that the compiled
     resource table (kernels/_resources.py, written by bench/aot.py from the AOT report) shows
     spilling or overflowing this device's shared memory, for this dtype and arch.
 
     Devices of another generation than sm_8x / sm_90 keep every config. If nothing is left, the
-    config with the least shared memory is kept, so the kernel still runs.
+    config with the least shared memory is kept, so the kernel still runs. ``split`` names a
+    constexpr whose value selects a separate part of the table.
     """
 
     def prune(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
@@ -119,12 +122,15 @@ def prune_by_resources(kernel: str, data_arg: str):
             return configs
         dtype = dtype_label(data.dtype, kwargs.get("DOT_PRECISION"))
         limit = _shared_memory_limit(data.device)
-        kept = [c for c in configs if keeps(kernel, arch, dtype, c, limit)]
+        part = str(bool(kwargs.get(split))) if split else ""
+        kept = [c for c in configs if keeps(kernel, arch, dtype, c, limit, part)]
         if kept:
             return kept
         from ._resources import RESOURCES
 
         table = RESOURCES.get(kernel, {})
-        return [min(configs, key=lambda c: table.get((arch, dtype, config_label(c)), (0, 0))[0])]
+        return [
+            min(configs, key=lambda c: table.get((arch, dtype, config_label(c), part), (0, 0))[0])
+        ]
 
     return prune

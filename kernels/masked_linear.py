@@ -62,7 +62,7 @@ _BATCHED_MASK = 2  # [M, C]: one per block of rows
         interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
     ),
     key=["N", "K", "m_bucket"],
-    prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr")},
+    prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr", "SCORE")},
     # Benchmarking runs the kernel several times; each run must start from the caller's sums.
     restore_value=["score_ptr"],
 )
@@ -303,7 +303,9 @@ AOT = AotSpec(
         "fwd bias in=2 out=2",
         "bwd in=2 out=2 score valid alpha=3",
         "bwd in=2 out=2 score valid alpha=1",
+        "bwd in=2 out=2",
     ),
+    table_split="SCORE",
 )
 
 

@@ -115,6 +115,7 @@ class Row:
     warps_per_sm: int
     compile_s: float
     pruned: bool = False
+    split: str = ""  # the value of the kernel's table_split constexpr ("" if none)
 
     @property
     def problems(self) -> list[str]:
@@ -141,10 +142,16 @@ def kernel_name(module: str) -> str:
     return module.rsplit(".", 1)[1]
 
 
-def pruned(module: str, config: triton.Config, label: str, arch: str) -> bool:
+def split_of(aot, variant) -> str:
+    """The part of the resource table a variant falls in."""
+    return str(bool(variant.constexprs[aot.table_split])) if aot.table_split else ""
+
+
+def pruned(module: str, config: triton.Config, label: str, arch: str, split: str = "") -> bool:
     """Whether the autotuner drops this config for this dtype choice on this arch (by the
     compiled-resource table, at the arch's own shared-memory limit)."""
-    return not keeps(kernel_name(module), arch, label, config, ARCHS[arch].shared_per_block)
+    limit = ARCHS[arch].shared_per_block
+    return not keeps(kernel_name(module), arch, label, config, limit, split)
 
 
 def _features(variant) -> set[tuple[str, str]]:
@@ -207,10 +214,11 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
         unused = list(range(len(aot.configs)))
         for i in range(count + len(aot.configs)):
             dtype, choice = choices[i % len(choices)]
+            part = split_of(aot, aot.variants[variants[i % len(variants)]])
             runnable = [
                 c
                 for c in range(len(aot.configs))
-                if not pruned(module, aot.configs[c], labels[dtype, choice], arch)
+                if not pruned(module, aot.configs[c], labels[dtype, choice], arch, part)
             ]
             fresh = [c for c in unused if c in runnable]
             if i >= count and not fresh:
@@ -312,6 +320,7 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
         aot = replace(aot, configs=list(configs))
     config = aot.configs[job.config]
     label, _ = aot.dtype_constexprs(job.dtype)[job.choice]
+    variant = aot.variants[job.variant]
     fn = aot.kernel.fn
     if not isinstance(fn, JITFunction):  # imported under TRITON_INTERPRET=1
         fn = JITFunction(fn.fn)
@@ -342,7 +351,7 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
         kernel=kernel_name(job.module),
         arch=job.arch,
         dtype=label,
-        variant=aot.variants[job.variant].name,
+        variant=variant.name,
         config=config_label(config),
         num_warps=config.num_warps,
         num_stages=config.num_stages,
@@ -357,7 +366,8 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
         tensor_core_required=label in aot.tensor_core,
         warps_per_sm=warps_per_sm(job.arch, registers, shared, config.num_warps),
         compile_s=round(elapsed, 2),
-        pruned=pruned(job.module, config, label, job.arch),
+        pruned=pruned(job.module, config, label, job.arch, split_of(aot, variant)),
+        split=split_of(aot, variant),
     )
 
 

@@ -78,7 +78,7 @@ def test_resource_table_bounds_every_compiled_variant(compiled):
     from canfast.kernels._resources import RESOURCES
 
     for job, row in compiled.items():
-        entry = RESOURCES[row.kernel].get((row.arch, row.dtype, row.config))
+        entry = RESOURCES[row.kernel].get((row.arch, row.dtype, row.config, row.split))
         assert entry is not None, f"{_job_id(job)} missing from kernels/_resources.py"
         shared, spilled = entry
         assert row.shared <= shared, _job_id(job)
@@ -94,11 +94,13 @@ def test_every_config_runs_clean_in_bf16_and_fp16(module, arch):
     aot = report.spec(module)
     for dtype in report.DTYPES:
         for label, _ in aot.dtype_constexprs(dtype):
-            kept = [c for c in aot.configs if not report.pruned(module, c, label, arch)]
-            if dtype == "fp32":
-                assert kept, f"no config left for {label} on {arch}"
-            else:
-                assert len(kept) == len(aot.configs), f"{label} on {arch}"
+            for part in {report.split_of(aot, v) for v in aot.variants}:
+                kept = [c for c in aot.configs if not report.pruned(module, c, label, arch, part)]
+                if dtype == "fp32" or part == "True":
+                    # float32, and the score epilogue of the fused backward: at least one.
+                    assert kept, f"no config left for {label} {part} on {arch}"
+                else:
+                    assert len(kept) == len(aot.configs), f"{label} on {arch}"
 
 
 def test_a_spilling_config_is_caught():
@@ -121,19 +123,19 @@ def test_prune_by_resources_follows_the_table_and_the_device(monkeypatch):
     from canfast.kernels.masked_linear import CUDA_CONFIGS
 
     table = RESOURCES["masked_linear"]
-    prune = _common.prune_by_resources("masked_linear", "x_ptr")
+    prune = _common.prune_by_resources("masked_linear", "x_ptr", "SCORE")
     x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.float32)
     monkeypatch.setattr(_common, "_arch", lambda device: "sm_80")
     for limit in (166912, 101376):  # A100, and consumer Ampere (sm_86)
         monkeypatch.setattr(_common, "_shared_memory_limit", lambda device, limit=limit: limit)
         for precision in ("ieee", "tf32"):
             dtype = "fp32" if precision == "ieee" else "fp32-tf32"
-            kept = prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION=precision)
+            kept = prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION=precision, SCORE=False)
             expected = [
                 c
                 for c in CUDA_CONFIGS
-                if not table[("sm_80", dtype, _common.config_label(c))][1]
-                and table[("sm_80", dtype, _common.config_label(c))][0] <= limit
+                if not table[("sm_80", dtype, _common.config_label(c), "False")][1]
+                and table[("sm_80", dtype, _common.config_label(c), "False")][0] <= limit
             ]
             assert kept == (expected or kept[:1]) and kept
     # IEEE float32 on A100: the table drops configs that spill or overflow shared memory.
