@@ -213,13 +213,19 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
         count = max(len(variants), len(aot.configs), len(choices))
         unused = list(range(len(aot.configs)))
         for i in range(count + len(aot.configs)):
-            dtype, choice = choices[i % len(choices)]
             part = split_of(aot, aot.variants[variants[i % len(variants)]])
-            runnable = [
-                c
-                for c in range(len(aot.configs))
-                if not pruned(module, aot.configs[c], labels[dtype, choice], arch, part)
-            ]
+            # The dtype choice in turn, or the next one that has a config left to run.
+            for step in range(len(choices)):
+                dtype, choice = choices[(i + step) % len(choices)]
+                runnable = [
+                    c
+                    for c in range(len(aot.configs))
+                    if not pruned(module, aot.configs[c], labels[dtype, choice], arch, part)
+                ]
+                if runnable:
+                    break
+            if not runnable:
+                continue
             fresh = [c for c in unused if c in runnable]
             if i >= count and not fresh:
                 continue  # the extra rounds only pick up configs not compiled yet
