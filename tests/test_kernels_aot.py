@@ -20,10 +20,10 @@ import triton  # noqa: E402
 from canfast.kernels import _common, report  # noqa: E402
 
 ARCHS = ("sm_80", "sm_90")
-# Not done: the fused-score backward of masked_linear (SCORE) in IEEE float32 (a CUDA-core dot)
+# Not done: the fused-score backward of masked_linear (SCORE) in float32 (IEEE and TF32)
 # spills in every shipped config on both archs; the autotuner then runs the config with the
 # least shared memory. Splitting that epilogue is open work.
-WITHOUT_CLEAN_CONFIG = {("masked_linear", "fp32", "True")}
+WITHOUT_CLEAN_CONFIG = {("masked_linear", "fp32", "True"), ("masked_linear", "fp32-tf32", "True")}
 JOBS = [job for module in report.KERNEL_MODULES for job in report.jobs_for(module, ARCHS, "ci")]
 
 
