@@ -15,28 +15,35 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import MAX_GRID_AXIS, configs, multiprocessor_count, size_bucket
+from ._aot import AotSpec, Variant
+from ._common import MAX_GRID_AXIS, configs, multiprocessor_count, prune_by_resources, size_bucket
 
 # Enough programs to keep every multiprocessor busy when y has few tiles (one position in a
 # scan); beyond that, more copy groups only reload the same tile.
 _PROGRAMS_PER_MULTIPROCESSOR = 4
 
 
+# The autotune candidates on CUDA, checked ahead of time on sm_80 and sm_90 in every dtype and
+# launcher variant (canfast.kernels.report).
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w)
+    for bp, bn, w in [
+        (8, 256, 4),
+        (16, 128, 4),
+        (16, 256, 4),
+        (32, 128, 4),
+        (32, 256, 8),
+        (64, 64, 4),
+    ]
+]
+
+
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config({"BLOCK_P": bp, "BLOCK_N": bn}, num_warps=w)
-            for bp, bn, w in [
-                (8, 256, 4),
-                (16, 128, 4),
-                (16, 256, 4),
-                (32, 128, 4),
-                (32, 256, 8),
-                (64, 64, 4),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_P": 8, "BLOCK_N": 32}),
     ),
+    prune_configs_by={"early_config_prune": prune_by_resources("ablate_expand", "y_ptr")},
     key=["N", "p_bucket", "UNIT_MID"],
 )
 @triton.jit
@@ -93,6 +100,41 @@ def _ablate_expand_kernel(
             copy = tl.where(cols[None, :] == j, 0.0, tile)
         tl.store(out_copy, copy.to(out_ptr.dtype.element_ty), mask=ok)
         out_copy += stride_oi
+
+
+AOT = AotSpec(
+    kernel=_ablate_expand_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        y_ptr="*T",
+        neurons_ptr="*i64",
+        mid_ptr="*T",
+        w_ptr="*T",
+        out_ptr="*T",
+        P="i32",
+        N="i32:16",
+        K="i32:16",
+        n_copies="i32",
+        p_bucket="i32:16",
+        stride_yp="i32:16",
+        stride_yn="1",
+        stride_mp="i32:16",
+        stride_mk="1",
+        stride_wn="i32:16",
+        stride_wk="1",
+        stride_oi="i32:16",
+        stride_op="i32:16",
+        stride_on="1",
+    ),
+    variants=[
+        Variant(
+            "unit=out",
+            dict(UNIT_MID=False),
+            dict(mid_ptr="none", w_ptr="none", stride_mk="i32:16", stride_wk="i32:16"),
+        ),
+        Variant("unit=mid", dict(UNIT_MID=True)),
+    ],
+)
 
 
 def ablate_expand(

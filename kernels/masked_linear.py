@@ -24,8 +24,31 @@ from torch import Tensor
 
 from canfast.ops.registry import ScoreFeed
 
-from ._common import configs, dot_dtype, dot_precision, size_bucket
+from ._aot import AotSpec, Variant
+from ._common import configs, dot_dtype, dot_precision, prune_by_resources, size_bucket
 from .score_accumulate import alpha_mode, weighted_term
+
+# The autotune candidates on CUDA. Each is compiled ahead of time for sm_80 and sm_90 in every
+# dtype and launcher variant (canfast.kernels.report): none spills in bf16, fp16 or TF32, and each
+# bf16/fp16 dot runs on mma.sync / wgmma (hence 4 warps at least and 64-row tiles). In IEEE
+# float32 (a dot on the CUDA cores) some spill or overflow shared memory; the autotuner drops
+# those per call from the compiled-resource table in _resources.py.
+CUDA_CONFIGS = [
+    triton.Config(
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        num_stages=stages,
+        num_warps=warps,
+    )
+    for bm, bn, bk, stages, warps in [
+        (128, 128, 64, 4, 8),
+        (128, 128, 32, 4, 8),
+        (64, 128, 64, 4, 4),
+        (128, 64, 32, 4, 4),
+        (64, 128, 32, 4, 4),
+        (64, 64, 64, 4, 4),
+        (64, 64, 32, 5, 4),
+    ]
+]
 
 # How a mask is laid out, selected at compile time.
 _NO_MASK = 0
@@ -35,27 +58,11 @@ _BATCHED_MASK = 2  # [M, C]: one per block of rows
 
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config(
-                {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                num_stages=stages,
-                num_warps=warps,
-            )
-            for bm, bn, bk, stages, warps in [
-                (128, 256, 64, 3, 8),
-                (256, 128, 64, 3, 8),
-                (128, 128, 64, 4, 8),
-                (128, 128, 32, 4, 4),
-                (64, 256, 32, 4, 4),
-                (128, 64, 32, 4, 4),
-                (64, 128, 32, 4, 4),
-                (64, 64, 32, 5, 2),
-                (32, 64, 32, 5, 2),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
     ),
     key=["N", "K", "m_bucket"],
+    prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr", "SCORE")},
     # Benchmarking runs the kernel several times; each run must start from the caller's sums.
     restore_value=["score_ptr"],
 )
@@ -184,6 +191,128 @@ def _masked_linear_kernel(
             tl.atomic_add(dst + 2 * stride_sk, g_sum, mask=col_ok)
     y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
     tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+def _aot_variants() -> list[Variant]:
+    """Every constexpr combination the two launchers produce, for canfast.kernels.report."""
+    layouts = (_NO_MASK, _SHARED_MASK, _BATCHED_MASK)
+    absent = {_NO_MASK: "none"}
+    no_score = dict(
+        act_ptr="none", valid_ptr="none", stride_am="i32:16", stride_an="i32:16",
+        stride_vb="i32:16", stride_vt="i32:16", stride_sb="i32:16", stride_sk="i32:16",
+        stride_sn="i32:16",
+    )  # fmt: skip
+    variants = []
+    for bias in (False, True):
+        for in_mask in layouts:
+            for out_mask in layouts:
+                constexprs = dict(
+                    HAS_BIAS=bias, IN_MASK=in_mask, OUT_MASK=out_mask, SCORE=False,
+                    HAS_VALID=False, ALPHA_MODE=0,
+                )  # fmt: skip
+                args = {
+                    **no_score,
+                    "in_mask_ptr": absent.get(in_mask, "*T"),
+                    "out_mask_ptr": absent.get(out_mask, "*T"),
+                    "bias_ptr": "*T" if bias else "none",
+                }
+                name = f"fwd{' bias' * bias} in={in_mask} out={out_mask}"
+                variants.append(Variant(name, constexprs, args))
+    # masked_linear_backward: the weight transposed (its n stride is the unit one), no bias, the
+    # masks exchanged, and optionally a unit-mid score fed in the epilogue.
+    scores = [(False, False, 0)] + [(True, v, a) for v in (False, True) for a in range(4)]
+    for in_mask in layouts:
+        for out_mask in layouts:
+            for score, valid, alpha in scores:
+                constexprs = dict(
+                    HAS_BIAS=False, IN_MASK=in_mask, OUT_MASK=out_mask, SCORE=score,
+                    HAS_VALID=valid, ALPHA_MODE=alpha,
+                )  # fmt: skip
+                args = {
+                    **({} if score else no_score),
+                    "in_mask_ptr": absent.get(in_mask, "*T"),
+                    "out_mask_ptr": absent.get(out_mask, "*T"),
+                    "bias_ptr": "none",
+                    "stride_wn": "1",
+                    "stride_wk": "i32:16",
+                }
+                if score and not valid:
+                    args.update(valid_ptr="none", stride_vb="i32:16", stride_vt="i32:16")
+                name = f"bwd in={in_mask} out={out_mask}"
+                if score:
+                    name += f" score{' valid' * valid} alpha={alpha}"
+                variants.append(Variant(name, constexprs, args))
+    return variants
+
+
+def _aot_dtype_constexprs(dtype: str) -> list[tuple[str, dict]]:
+    if dtype == "fp32":
+        # torch.backends.cuda.matmul.allow_tf32 picks between the two (see dot_precision).
+        return [
+            ("fp32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "ieee"}),
+            ("fp32-tf32", {"DOT_DTYPE": tl.float32, "DOT_PRECISION": "tf32"}),
+        ]
+    dot = {"bf16": tl.bfloat16, "fp16": tl.float16}[dtype]
+    return [(dtype, {"DOT_DTYPE": dot, "DOT_PRECISION": "tf32"})]
+
+
+AOT = AotSpec(
+    kernel=_masked_linear_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        x_ptr="*T",
+        w_ptr="*T",
+        bias_ptr="*T",
+        in_mask_ptr="*T",
+        out_mask_ptr="*T",
+        act_ptr="*T",
+        valid_ptr="*u8",
+        score_ptr="*fp32",
+        y_ptr="*T",
+        M="i32",
+        N="i32:16",
+        K="i32:16",
+        m_bucket="i32:16",
+        rows_per_in_mask="i32",
+        rows_per_out_mask="i32",
+        rows_per_sample="i32",
+        alpha="fp32",
+        stride_xm="i32:16",
+        stride_xk="1",
+        stride_wn="i32:16",
+        stride_wk="1",
+        stride_b="1",
+        stride_im="i32:16",
+        stride_ik="1",
+        stride_om="i32:16",
+        stride_on="1",
+        stride_am="i32:16",
+        stride_an="1",
+        stride_vb="i32",
+        stride_vt="1",
+        stride_sb="i32:16",
+        stride_sk="i32:16",
+        stride_sn="1",
+        stride_ym="i32:16",
+        stride_yn="1",
+    ),  # fmt: skip
+    variants=_aot_variants(),
+    dtype_constexprs=_aot_dtype_constexprs,
+    tensor_core=("bf16", "fp16", "fp32-tf32"),
+    heavy=(
+        "fwd bias in=2 out=2",
+        "bwd in=2 out=2 score valid alpha=3",
+        "bwd in=2 out=2 score valid alpha=1",
+        "bwd in=2 out=2",
+        # Lighter epilogues that still spilled where the ones above did not (the CI test
+        # compares every variant of its subset with the table).
+        "bwd in=1 out=0 score valid alpha=2",
+        "bwd in=2 out=0 score valid alpha=3",
+        "bwd in=0 out=1 score alpha=3",
+        "bwd in=2 out=1 score valid alpha=1",
+    ),
+    table_split="SCORE",
+)
 
 
 def _mask_layout(mask: Tensor | None, rows: int) -> tuple[Tensor | None, int, int]:

@@ -13,7 +13,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import configs, size_bucket
+from ._aot import AotSpec, Variant
+from ._common import configs, prune_by_resources, size_bucket
 
 # Exponents with a cheaper form than exp2(alpha * log2(|g|)); selected at compile time.
 _ALPHA_ZERO = 0
@@ -44,21 +45,29 @@ def weighted_term(a, g, alpha, ALPHA_MODE: tl.constexpr):
         return tl.where(positive, power, 0.0) * a
 
 
+# The autotune candidates on CUDA, checked ahead of time on sm_80 and sm_90 in every dtype and
+# launcher variant (canfast.kernels.report). At most 16 elements of a tile per thread: the three
+# float32 accumulators then fit without spills (32 per thread spilled in float32 on sm_90) and
+# twice the warps stay resident, which a memory-bound loop needs to keep enough loads in flight.
+CUDA_CONFIGS = [
+    triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
+    for bt, bc, w in [
+        (8, 128, 4),
+        (16, 128, 4),
+        (8, 256, 4),
+        (16, 256, 8),
+        (32, 128, 8),
+        (8, 512, 8),
+    ]
+]
+
+
 @triton.autotune(
     configs=configs(
-        cuda=[
-            triton.Config({"BLOCK_T": bt, "BLOCK_C": bc}, num_warps=w)
-            for bt, bc, w in [
-                (16, 128, 4),
-                (32, 128, 4),
-                (16, 256, 4),
-                (32, 256, 8),
-                (64, 64, 4),
-                (8, 512, 4),
-            ]
-        ],
+        cuda=CUDA_CONFIGS,
         interpreter=triton.Config({"BLOCK_T": 16, "BLOCK_C": 32}),
     ),
+    prune_configs_by={"early_config_prune": prune_by_resources("score_accumulate", "a_ptr")},
     key=["C", "t_bucket"],
     # Benchmarking runs the kernel several times; each run must start from the caller's sums.
     restore_value=["out_ptr"],
@@ -121,6 +130,42 @@ def _score_accumulate_kernel(
     tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_a, axis=0), mask=col_ok)
     out += stride_os
     tl.store(out, tl.load(out, mask=col_ok) + tl.sum(abs_g, axis=0), mask=col_ok)
+
+
+AOT = AotSpec(
+    kernel=_score_accumulate_kernel,
+    configs=CUDA_CONFIGS,
+    args=dict(
+        a_ptr="*T",
+        g_ptr="*T",
+        valid_ptr="*u8",
+        out_ptr="*fp32",
+        T="i32",
+        C="i32:16",
+        t_bucket="i32:16",
+        alpha="fp32",
+        stride_ab="i32:16",
+        stride_at="i32:16",
+        stride_ac="1",
+        stride_gb="i32:16",
+        stride_gt="i32:16",
+        stride_gc="1",
+        stride_vb="i32",
+        stride_vt="1",
+        stride_ob="i32:16",
+        stride_os="i32:16",
+        stride_oc="1",
+    ),
+    variants=[
+        Variant(
+            f"{'valid ' * valid}alpha={mode}",
+            dict(HAS_VALID=valid, ALPHA_MODE=mode),
+            {} if valid else {"valid_ptr": "none", "stride_vb": "i32:16", "stride_vt": "i32:16"},
+        )
+        for valid in (False, True)
+        for mode in (_ALPHA_ZERO, _ALPHA_HALF, _ALPHA_ONE, _ALPHA_ANY)
+    ],
+)
 
 
 def score_accumulate(

@@ -1,0 +1,244 @@
+"""Ahead-of-time compile matrix of the Triton kernels for A100 (sm_80) and H100 (sm_90).
+
+    python bench/aot.py                          # the full matrix (hours on 2 cores)
+    python bench/aot.py --subset variants        # every variant on every arch, configs dealt
+    python bench/aot.py --before                 # also the configs main shipped before issue 12
+
+Runs :mod:`canfast.kernels.report` (no GPU needed) and writes ``bench/results/aot.json`` and
+``bench/results/aot.md`` (atomically): one row per compiled kernel with its registers, spills,
+stack, shared memory, tensor-core instructions and predicted warps per SM. ``--before`` adds
+``aot_before_after.md``: the worst row of each ``masked_linear`` and ``score_accumulate`` config
+over a few heavy variants, for the configs on main before and after.
+``bench/roofline_triton.py`` turns ``aot.json`` into the tables of ``bench/roofline_triton.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import triton
+from canfast.kernels import _resources as resources_module
+from canfast.kernels import report
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+# The CUDA config lists on main before issue 12 (commit 5de2ce9), for the before/after table.
+BEFORE = {
+    "canfast.kernels.masked_linear": [
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "GROUP_M": 8}, num_stages=s, num_warps=w
+        )
+        for m, n, k, s, w in [
+            (128, 256, 64, 3, 8),
+            (256, 128, 64, 3, 8),
+            (128, 128, 64, 4, 8),
+            (128, 128, 32, 4, 4),
+            (64, 256, 32, 4, 4),
+            (128, 64, 32, 4, 4),
+            (64, 128, 32, 4, 4),
+            (64, 64, 32, 5, 2),
+            (32, 64, 32, 5, 2),
+        ]
+    ],
+    "canfast.kernels.score_accumulate": [
+        triton.Config({"BLOCK_T": t, "BLOCK_C": c}, num_warps=w)
+        for t, c, w in [
+            (16, 128, 4),
+            (32, 128, 4),
+            (16, 256, 4),
+            (32, 256, 8),
+            (64, 64, 4),
+            (8, 512, 4),
+        ]
+    ],
+}
+
+# The variants of the before/after table: the heaviest epilogue of each direction.
+BEFORE_AFTER_VARIANTS = {
+    "canfast.kernels.masked_linear": (
+        "fwd bias in=2 out=2",
+        "fwd in=0 out=2",
+        "bwd in=2 out=2 score valid alpha=3",
+    ),
+    "canfast.kernels.score_accumulate": ("valid alpha=3", "valid alpha=1"),
+}
+BEFORE_AFTER_DTYPES = ("bf16", "fp32")
+
+
+RESOURCES = Path(__file__).resolve().parent.parent / "kernels" / "_resources.py"
+
+
+def resource_table(rows: list[report.Row]) -> str:
+    """The source of kernels/_resources.py: per kernel, (arch, dtype, config) -> (the most shared
+    memory any compiled variant needs, whether any of them spills)."""
+    from canfast.kernels._resources import RESOURCES
+
+    # The kernels compiled in this run replace their entries; the others are kept.
+    table = {
+        kernel: {(key + ("",))[:4]: value for key, value in entries.items()}
+        for kernel, entries in RESOURCES.items()
+        if kernel not in {row.kernel for row in rows}
+    }
+    for row in rows:
+        key = (row.arch, row.dtype, row.config, row.split)
+        shared, spilled = table.setdefault(row.kernel, {}).get(key, (0, False))
+        table[row.kernel][key] = (
+            max(shared, row.shared),
+            spilled or bool(row.spill_stores or row.spill_loads),
+        )
+    lines = [
+        '"""Compiled resources of the autotune configs, per kernel: (arch, dtype, config,',
+        "split) ->"
+        " (shared memory in bytes, whether any compiled variant spills). Written by ``python",
+        "bench/aot.py --subset heavy --resources`` from the ahead-of-time report",
+        '(canfast.kernels.report); the autotuners prune by it (_common.keeps). Do not edit."""',
+        "",
+        "RESOURCES: dict[str, dict[tuple[str, str, str, str], tuple[int, bool]]] = {",
+    ]
+    for kernel in sorted(table):
+        lines.append(f"    {kernel!r}: {{")
+        for key in sorted(table[kernel]):
+            lines.append(f"        {key!r}: {table[kernel][key]!r},")
+        lines.append("    },")
+    lines.append("}")
+    return "\n".join(lines) + "\n"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def before_after(workers: int | None) -> str:
+    """Markdown: per kernel, arch and config, the worst spill and the registers and warps/SM of
+    the heaviest variant, for the configs before and after."""
+    lines = []
+    for module, old_configs in BEFORE.items():
+        aot = report.spec(module)
+        names = [v.name for v in aot.variants]
+        for label, configs in (("before", old_configs), ("after", list(aot.configs))):
+            jobs = [
+                report.Job(module, c, d, 0, names.index(v), arch)
+                for arch in report.ARCHS
+                for c in range(len(configs))
+                for d in BEFORE_AFTER_DTYPES
+                for v in BEFORE_AFTER_VARIANTS[module]
+            ]
+            rows = report.run(jobs, workers, configs=configs)
+            for row in rows:
+                lines.append((label, row))
+    out = [
+        "| kernel | arch | configs | config | dtype | worst regs | worst spill st/ld (B) "
+        "| min warps/SM | tensor core | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list[report.Row]] = {}
+    for label, row in lines:
+        groups.setdefault((row.kernel, row.arch, label, row.config, row.dtype), []).append(row)
+    for (kernel, arch, label, config, dtype), rows in groups.items():
+        if all(r.pruned for r in rows):
+            out.append(f"| {kernel} | {arch} | {label} | {config} | {dtype} | | | | | pruned |")
+            continue
+        rows = [r for r in rows if not r.pruned]
+        worst = max(rows, key=lambda r: (r.spill_stores + r.spill_loads, r.registers))
+        tc = max(r.wgmma if arch == "sm_90" else r.mma_sync for r in rows)
+        problems = sorted({p for r in rows for p in r.problems})
+        out.append(
+            f"| {kernel} | {arch} | {label} | {config} | {dtype} | "
+            f"{max(r.registers for r in rows)} | {worst.spill_stores}/{worst.spill_loads} | "
+            f"{min(r.warps_per_sm for r in rows)} | {tc or '-'} | {'; '.join(problems) or 'ok'} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--subset", choices=report.SUBSETS, default="full")
+    parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
+    parser.add_argument("--jobs", type=int, default=0)
+    parser.add_argument("--before", action="store_true", help="also write the before/after table")
+    parser.add_argument(
+        "--resources",
+        action="store_true",
+        help="rewrite kernels/_resources.py, the table the autotuners prune by, from these rows",
+    )
+    args = parser.parse_args(argv)
+    wanted = {k for k in args.kernels.split(",") if k}
+    modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
+    archs = list(report.ARCHS)
+    started = time.perf_counter()
+    jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset)]
+    rows = report.run(jobs, args.jobs or None)
+    elapsed = time.perf_counter() - started
+    RESULTS.mkdir(exist_ok=True)
+    meta = {
+        "subset": args.subset,
+        "kernels": [report.kernel_name(m) for m in modules],
+        "triton": triton.__version__,
+        "compiles": len(rows),
+        "wall_s": round(elapsed, 1),
+        "cpus": os.cpu_count(),
+        "note": "compile times on a shared 2-core machine",
+    }
+    if args.resources:
+        write_atomic(RESOURCES, resource_table(rows))
+        importlib.reload(resources_module)
+    # Rows of the kernels not compiled in this run are kept from the last one.
+    kept = []
+    if (RESULTS / "aot.json").exists():
+        previous = json.loads((RESULTS / "aot.json").read_text())
+        kept = [r for r in previous["rows"] if r["kernel"] not in meta["kernels"]]
+        meta["runs"] = [
+            *previous.get("runs", [{k: previous[k] for k in ("subset", "kernels", "wall_s")}]),
+        ]
+    meta.setdefault("runs", []).append({k: meta[k] for k in ("subset", "kernels", "wall_s")})
+    all_rows = kept + report.as_json(rows)
+    names = [f.name for f in fields(report.Row)]
+    table_rows = [report.Row(**{n: r[n] for n in names if n in r}) for r in all_rows]
+    # Whether the autotuner drops a row follows the table as it is now.
+    modules = {report.kernel_name(m): m for m in report.KERNEL_MODULES}
+    for row in table_rows:
+        aot = report.spec(modules[row.kernel])
+        config = next(c for c in aot.configs if report.config_label(c) == row.config)
+        row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch, row.split)
+    all_rows = report.as_json(table_rows)
+    bad = [r for r in table_rows if r.problems and not r.pruned]
+    runs = "; ".join(
+        f"{', '.join(run['kernels'])}: subset {run['subset']}, {run['wall_s']:.0f} s"
+        for run in meta["runs"]
+    )
+    header = (
+        f"# Ahead-of-time compile report (Triton {triton.__version__})\n\n"
+        f"{len(table_rows)} compiles for sm_80 and sm_90 on {os.cpu_count()} shared cores "
+        f"({runs}). {len(bad)} rows with problems in configs the autotuner runs; rows marked "
+        "`pruned` are configs the autotuner drops for that dtype and arch "
+        "(kernels/_resources.py).\n\n"
+    )
+    write_atomic(RESULTS / "aot.json", json.dumps({**meta, "rows": all_rows}, indent=1))
+    write_atomic(RESULTS / "aot.md", header + report.markdown(table_rows) + "\n")
+    print(report.text_table(rows))
+    print(f"\n{len(rows)} compiles in {elapsed:.0f} s, {len(bad)} with problems", file=sys.stderr)
+    if args.before:
+        table = before_after(args.jobs or None)
+        write_atomic(
+            RESULTS / "aot_before_after.md",
+            "# masked_linear and score_accumulate: configs before and after issue 12\n\n"
+            "Worst row over the variants "
+            + "; ".join(f"`{v}`" for vs in BEFORE_AFTER_VARIANTS.values() for v in vs)
+            + ", per config, dtype and arch.\n\n"
+            + table,
+        )
+        print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""GPU readiness without a GPU: the Triton kernels compiled ahead of time for A100 and H100.
+
+The kernels are compiled for sm_80 and sm_90 with the ptxas in Triton's wheel (no CUDA, driver
+or GPU), for a pairwise covering subset of the launcher variants with every autotune config and
+dtype dealt in (``canfast.kernels.report``, subset ``ci``). A compiled kernel must not spill,
+must fit in shared memory, and a bf16/fp16 (or TF32) ``tl.dot`` must compile to ``mma.sync`` on
+sm_80 and ``wgmma`` on sm_90, which the PTX shows. ``bench/aot.py`` runs the full matrix.
+"""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia")
+
+import triton  # noqa: E402
+from canfast.kernels import _common, report  # noqa: E402
+
+ARCHS = ("sm_80", "sm_90")
+# Not done: the fused-score backward of masked_linear (SCORE) in float32 (IEEE and TF32)
+# spills in every shipped config on both archs; the autotuner then runs the config with the
+# least shared memory. Splitting that epilogue is open work.
+WITHOUT_CLEAN_CONFIG = {("masked_linear", "fp32", "True"), ("masked_linear", "fp32-tf32", "True")}
+JOBS = [job for module in report.KERNEL_MODULES for job in report.jobs_for(module, ARCHS, "ci")]
+
+
+def _job_id(job: report.Job) -> str:
+    aot = report.spec(job.module)
+    label = aot.dtype_constexprs(job.dtype)[job.choice][0]
+    config = report.config_label(aot.configs[job.config]).replace(" ", "-")
+    variant = aot.variants[job.variant].name.replace(" ", "-")
+    return f"{report.kernel_name(job.module)}-{job.arch}-{label}-{variant}-{config}"
+
+
+@pytest.fixture(scope="module")
+def compiled() -> dict[report.Job, report.Row]:
+    # One pool for the whole subset: the compiles are independent and each worker imports
+    # torch and Triton once.
+    return dict(zip(JOBS, report.run(JOBS)))
+
+
+@pytest.mark.parametrize("job", JOBS, ids=_job_id)
+def test_compiles_without_spills_on_tensor_cores(compiled, job):
+    row = compiled[job]
+    assert not row.pruned, "the CI subset compiles only configs the autotuner would run"
+    assert row.problems == [], report.text_table([row])
+    if row.tensor_core_required:
+        op = report.ARCHS[row.arch].tensor_core_op
+        assert (row.wgmma if op.startswith("wgmma") else row.mma_sync) > 0
+
+
+def test_subset_covers_every_kernel_config_dtype_and_arch():
+    for module in report.KERNEL_MODULES:
+        aot = report.spec(module)
+        jobs = [j for j in JOBS if j.module == module]
+        for arch in ARCHS:
+            here = [j for j in jobs if j.arch == arch]
+            assert {j.dtype for j in here} == set(report.DTYPES)
+            labels = [label for d in report.DTYPES for label, _ in aot.dtype_constexprs(d)]
+            runnable = {
+                c
+                for c, config in enumerate(aot.configs)
+                if any(not report.pruned(module, config, label, arch) for label in labels)
+            }
+            assert {j.config for j in here} >= runnable
+            # Every pair of settings some variant combines is compiled together.
+            covered = set()
+            for j in here:
+                f = report._features(aot.variants[j.variant])
+                covered |= {(a, b) for a in f for b in f if a < b}
+            for v in aot.variants:
+                f = report._features(v)
+                assert {(a, b) for a in f for b in f if a < b} <= covered, v.name
+
+
+def test_resource_table_bounds_every_compiled_variant(compiled):
+    """The table the autotuners prune by is built from the heavy variants only; no variant of
+    the CI subset may need more shared memory or spill where the table says it does not."""
+    from canfast.kernels._resources import RESOURCES
+
+    for job, row in compiled.items():
+        entry = RESOURCES[row.kernel].get((row.arch, row.dtype, row.config, row.split))
+        assert entry is not None, f"{_job_id(job)} missing from kernels/_resources.py"
+        shared, spilled = entry
+        assert row.shared <= shared, _job_id(job)
+        assert spilled or not (row.spill_stores or row.spill_loads), _job_id(job)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("module", report.KERNEL_MODULES)
+def test_every_config_runs_clean_in_bf16_and_fp16(module, arch):
+    """Pruning is for float32 only (twice the shared memory per tile, and IEEE dots on the CUDA
+    cores): in bf16 and fp16 every shipped config is clean on both archs, and each float32
+    precision keeps at least one config."""
+    aot = report.spec(module)
+    for dtype in report.DTYPES:
+        for label, _ in aot.dtype_constexprs(dtype):
+            for part in {report.split_of(aot, v) for v in aot.variants}:
+                kept = [c for c in aot.configs if not report.pruned(module, c, label, arch, part)]
+                if (report.kernel_name(module), label, part) in WITHOUT_CLEAN_CONFIG:
+                    assert not kept, "fixed: take it off WITHOUT_CLEAN_CONFIG"
+                elif dtype == "fp32" or part == "True":
+                    # float32, and the score epilogue of the fused backward: at least one.
+                    assert kept, f"no config left for {label} {part} on {arch}"
+                else:
+                    assert len(kept) == len(aot.configs), f"{label} on {arch}"
+
+
+def test_a_spilling_config_is_caught():
+    """The check can fail: a config main shipped before this test (128x256x64, 3 stages,
+    8 warps) spills in the epilogue of the batched-mask forward on sm_80."""
+    module = "canfast.kernels.masked_linear"
+    aot = report.spec(module)
+    big = triton.Config(
+        {"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_warps=8, num_stages=3
+    )
+    variant = [v.name for v in aot.variants].index("fwd bias in=2 out=2")
+    job = report.Job(module, 0, "bf16", 0, variant, "sm_80")
+    (row,) = report.run([job], configs=[big])
+    assert row.spill_stores > 0 and any("spills" in p for p in row.problems)
+
+
+def test_prune_by_resources_follows_the_table_and_the_device(monkeypatch):
+    import torch
+    from canfast.kernels._resources import RESOURCES
+    from canfast.kernels.masked_linear import CUDA_CONFIGS
+
+    table = RESOURCES["masked_linear"]
+    prune = _common.prune_by_resources("masked_linear", "x_ptr", "SCORE")
+    x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.float32)
+    monkeypatch.setattr(_common, "_arch", lambda device: "sm_80")
+    for limit in (166912, 101376):  # A100, and consumer Ampere (sm_86)
+        monkeypatch.setattr(_common, "_shared_memory_limit", lambda device, limit=limit: limit)
+        for precision in ("ieee", "tf32"):
+            dtype = "fp32" if precision == "ieee" else "fp32-tf32"
+            kept = prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION=precision, SCORE=False)
+            expected = [
+                c
+                for c in CUDA_CONFIGS
+                if not table[("sm_80", dtype, _common.config_label(c), "False")][1]
+                and table[("sm_80", dtype, _common.config_label(c), "False")][0] <= limit
+            ]
+            assert kept == (expected or kept[:1]) and kept
+    # IEEE float32 on A100: the table drops configs that spill or overflow shared memory.
+    monkeypatch.setattr(_common, "_shared_memory_limit", lambda device: 166912)
+    assert len(prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee")) < len(CUDA_CONFIGS)
+    # A generation without a table keeps every config; CPU tensors are not pruned.
+    monkeypatch.setattr(_common, "_arch", lambda device: None)
+    assert prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee") == CUDA_CONFIGS
+
+
+def test_ptxas_log_and_occupancy():
+    log = (
+        "ptxas info    : Function properties for k\n"
+        "    152 bytes stack frame, 152 bytes spill stores, 184 bytes spill loads\n"
+        "ptxas info    : Used 255 registers, used 1 barriers, 152 bytes cumulative stack size\n"
+    )
+    assert report._parse_ptxas(log) == (255, 152, 184, 152)
+    # 255 registers: 8,192 per warp, so 8 warps fill the 65,536-register file.
+    assert report.warps_per_sm("sm_80", 255, 0, 8) == 8
+    # 64 registers, 4 warps, 48 KB of shared memory: shared memory allows 3 programs on A100.
+    assert report.warps_per_sm("sm_80", 64, 48 * 1024, 4) == 12
+    assert report.warps_per_sm("sm_90", 32, 0, 4) == 64
+    assert report.warps_per_sm("sm_80", 32, 200 * 1024, 4) == 0
+
+
+def test_cli_rejects_an_unknown_arch(capsys):
+    assert report.main(["--arch", "sm_70"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "sm_70" in err
