@@ -6,6 +6,7 @@ import hashlib
 import json
 import warnings
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -81,10 +82,10 @@ def _check_size(image: Image.Image, path: Path, where: str) -> None:
         )
 
 
-def decode_image(path: str | Path, need: int | None = None, where: str | None = None):
-    """The image at ``path`` in RGB, reduced to at least ``2 * need`` on its shorter side."""
-    path = Path(path)
-    where = where or "image"
+@contextmanager
+def _opened(path: Path, where: str) -> Iterator[Image.Image]:
+    """The image file opened lazily (header read, pixels not yet decoded), within the decoding
+    limit; every way it can fail is bad input naming ``where``."""
     if not path.is_file():
         raise BadInput(f"{where}: image not found: {path}")
     try:
@@ -92,14 +93,7 @@ def decode_image(path: str | Path, need: int | None = None, where: str | None = 
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _check_size(image, path, where)
-                factor = 1
-                if need:
-                    factor = max(1, min(image.size) // (2 * need))
-                if factor > 1 and image.format == "JPEG":
-                    image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
-                    factor = max(1, min(image.size) // (2 * need))
-                image = image.convert("RGB")
-        return image.reduce(factor) if factor > 1 else image
+                yield image
     except Image.DecompressionBombError:
         raise BadInput(
             f"{where}: image {path} is over twice the decoding limit of "
@@ -107,26 +101,29 @@ def decode_image(path: str | Path, need: int | None = None, where: str | None = 
         ) from None
     except OSError as exc:
         raise BadInput(f"{where}: cannot read image {path}: {exc}") from None
+
+
+def decode_image(path: str | Path, need: int | None = None, where: str | None = None):
+    """The image at ``path`` in RGB, reduced to at least ``2 * need`` on its shorter side."""
+    path = Path(path)
+    with _opened(path, where or "image") as image:
+        factor = 1
+        if need:
+            factor = max(1, min(image.size) // (2 * need))
+        if factor > 1 and image.format == "JPEG":
+            image.draft("RGB", (image.size[0] // factor, image.size[1] // factor))
+            factor = max(1, min(image.size) // (2 * need))
+        image = image.convert("RGB")
+        # Reducing can still meet a truncated file: inside the block, so it is bad input too.
+        return image.reduce(factor) if factor > 1 else image
 
 
 def check_image(path: str | Path, where: str) -> Path:
     """``path`` if it names a readable image within the decoding limit; only the header is
     read, so a data file's images cost no memory until a batch decodes them."""
     path = Path(path)
-    if not path.is_file():
-        raise BadInput(f"{where}: image not found: {path}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_size(image, path, where)
-    except Image.DecompressionBombError:
-        raise BadInput(
-            f"{where}: image {path} is over twice the decoding limit of "
-            f"{Image.MAX_IMAGE_PIXELS} pixels (PIL.Image.MAX_IMAGE_PIXELS); downscale it first"
-        ) from None
-    except OSError as exc:
-        raise BadInput(f"{where}: cannot read image {path}: {exc}") from None
+    with _opened(path, where):
+        pass
     return path
 
 
