@@ -444,7 +444,7 @@ def _load_pretrained(
             from canfast.adapters.processors import load_processor
 
             processor = load_processor(name, config.model_type, trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
+    except (OSError, ValueError, TypeError, ImportError) as exc:
         part = "processor" if adapter.uses_images else "tokenizer"
         raise BadInput(f"cannot load the {part} of {name!r}: {_first_line(exc)}") from None
     return hf_model, processor

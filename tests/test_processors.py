@@ -9,6 +9,9 @@ directory, and must give the very inputs and scores that the processor it was sa
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -140,3 +143,32 @@ def test_missing_num2words_is_one_clear_line(tmp_path, monkeypatch):
     monkeypatch.setattr(smolvlm, "num2words", None)
     with pytest.raises(BadInput, match="num2words"):
         canfast.load(str(tmp_path))
+
+
+QUIET = """
+import sys
+import canfast
+canfast.load(sys.argv[1]).encode(__import__("tiny_models").samples(sys.argv[2], 2))
+"""
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "mistral3"])
+def test_loading_without_torchvision_says_nothing(family, tmp_path):
+    """A fresh process (transformers warns once per process) loads and encodes in silence: no
+    word about torchvision, backends or video processors when nothing is missing."""
+    saved(family, tmp_path)
+    as_on_the_hub(tmp_path, family)
+    tests = str(Path(__file__).parent)
+    env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env["TQDM_DISABLE"] = "1"
+    done = subprocess.run(
+        [sys.executable, "-c", QUIET, str(tmp_path), family],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    said = (done.stdout + done.stderr).lower()
+    for word in ("torchvision", "video", "backend", "pil"):
+        assert word not in said, done.stderr

@@ -95,7 +95,7 @@ def _known_class(class_name: str | None):
     import transformers
     from transformers import ProcessorMixin
 
-    if class_name is None or class_name.endswith("Fast"):
+    if class_name is None:
         return None
     if class_name in ("PixtralProcessor", "PixtralProcessorPil"):
         return PixtralProcessorPil
