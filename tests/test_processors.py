@@ -152,23 +152,46 @@ canfast.load(sys.argv[1]).encode(__import__("tiny_models").samples(sys.argv[2], 
 """
 
 
+def run_loading(target: str, family: str, env: dict) -> subprocess.CompletedProcess:
+    """``canfast.load(target)`` and one encode in a fresh process with ``env`` added."""
+    tests = str(Path(__file__).parent)
+    path = tests + os.pathsep + os.environ.get("PYTHONPATH", "")
+    env = {**os.environ, "PYTHONPATH": path, "TQDM_DISABLE": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-c", QUIET, target, family],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
 @pytest.mark.parametrize("family", ["qwen3_vl", "mistral3"])
 def test_loading_without_torchvision_says_nothing(family, tmp_path):
     """A fresh process (transformers warns once per process) loads and encodes in silence: no
     word about torchvision, backends or video processors when nothing is missing."""
     saved(family, tmp_path)
     as_on_the_hub(tmp_path, family)
-    tests = str(Path(__file__).parent)
-    env = {**os.environ, "PYTHONPATH": tests + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env["TQDM_DISABLE"] = "1"
-    done = subprocess.run(
-        [sys.executable, "-c", QUIET, str(tmp_path), family],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
+    done = run_loading(str(tmp_path), family, {})
     assert done.returncode == 0, done.stderr
     said = (done.stdout + done.stderr).lower()
     for word in ("torchvision", "video", "backend", "pil"):
         assert word not in said, done.stderr
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "smolvlm", "mistral3"])
+def test_a_cached_hub_id_loads_offline(family, tmp_path):
+    """A Hub id in the local cache, offline: the processor's files are found there too."""
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--tiny--checkpoint"
+    snapshot = repo / "snapshots" / revision
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    saved(family, snapshot)
+    as_on_the_hub(snapshot, family)
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
+    env["TRANSFORMERS_OFFLINE"] = "1"
+    done = run_loading("tiny/checkpoint", family, env)
+    assert done.returncode == 0, done.stderr
+    assert "torchvision" not in done.stderr.lower(), done.stderr

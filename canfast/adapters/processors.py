@@ -33,9 +33,9 @@ def torchvision_available() -> bool:
     return bool(is_torchvision_available())
 
 
-def processor_class_name(name: str, model_type: str) -> str | None:
-    """The processor class a checkpoint names in its files, else the one transformers maps its
-    model type to; None when neither says."""
+def _processor_fields(name: str) -> dict:
+    """The fields of the first of the checkpoint's files that names its processor (a class, or
+    remote code for ``AutoProcessor``); empty when none does."""
     from transformers.utils import cached_file
 
     for filename in PROCESSOR_FILES:
@@ -55,11 +55,23 @@ def processor_class_name(name: str, model_type: str) -> str | None:
                 fields = json.load(handle)
         except (OSError, json.JSONDecodeError):
             continue
-        if isinstance(fields, dict) and isinstance(fields.get("processor_class"), str):
-            return fields["processor_class"]
+        if not isinstance(fields, dict):
+            continue
+        auto_map = fields.get("auto_map")
+        if isinstance(fields.get("processor_class"), str) or (
+            isinstance(auto_map, dict) and "AutoProcessor" in auto_map
+        ):
+            return fields
+    return {}
+
+
+def processor_class_name(name: str, model_type: str) -> str | None:
+    """The processor class a checkpoint names in its files, else the one transformers maps its
+    model type to; None when neither says."""
     from transformers.models.auto.processing_auto import PROCESSOR_MAPPING_NAMES
 
-    return PROCESSOR_MAPPING_NAMES.get(model_type)
+    named = _processor_fields(name).get("processor_class")
+    return named if isinstance(named, str) else PROCESSOR_MAPPING_NAMES.get(model_type)
 
 
 def load_processor(name: str, model_type: str, trust_remote_code: bool = False):
@@ -73,6 +85,10 @@ def load_processor(name: str, model_type: str, trust_remote_code: bool = False):
 
     if torchvision_available():
         return AutoProcessor.from_pretrained(name, trust_remote_code=trust_remote_code)
+    auto_map = _processor_fields(name).get("auto_map")
+    if trust_remote_code and isinstance(auto_map, dict) and "AutoProcessor" in auto_map:
+        # The checkpoint's own code is trusted and builds its processor.
+        return AutoProcessor.from_pretrained(name, trust_remote_code=True)
     class_name = processor_class_name(name, model_type)
     processor_class = _known_class(class_name)
     if processor_class is None:
