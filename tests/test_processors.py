@@ -8,6 +8,7 @@ directory, and must give the very inputs and scores that the processor it was sa
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -91,6 +92,48 @@ def check_same_inputs_and_scores(family: str, directory: Path, hf_model, process
 def test_save_and_load_round_trip(family, tmp_path):
     hf_model, processor = saved(family, tmp_path)
     check_same_inputs_and_scores(family, tmp_path, hf_model, processor)
+
+
+def chatml(image: str) -> str:
+    return (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{% for c in m.content %}"
+        f"{{% if c.type == 'image' %}}{image}{{% else %}}{{{{ c.text }}}}{{% endif %}}"
+        "{% endfor %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+CHAT_TEMPLATES = {
+    "qwen2_vl": chatml("<|vision_start|><|image_pad|><|vision_end|>"),
+    "qwen3_vl": chatml("<|vision_start|><|image_pad|><|vision_end|>"),
+    "llava_onevision": chatml("<image>"),
+    "mistral3": (
+        "{% for m in messages %}{% if m.role == 'user' %}[INST]{% for c in m.content %}"
+        "{% if c.type == 'image' %}[IMG]{% else %}{{ c.text }}{% endif %}{% endfor %}[/INST]"
+        "{% endif %}{% endfor %}"
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CHAT_TEMPLATES))
+def test_chat_template_survives_the_round_trip(family, tmp_path):
+    """A processor saved with a chat template is loaded with it, and prompts go through it."""
+    hf_model, processor = tm.build(family)
+    processor = copy.deepcopy(processor)
+    processor.chat_template = CHAT_TEMPLATES[family]
+    hf_model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    loaded = canfast.load(str(tmp_path))
+    assert loaded.chat_template and loaded.processor.chat_template == CHAT_TEMPLATES[family]
+    original = canfast.Model(hf_model.eval(), processor)
+    samples = tm.samples(family, 2)
+    got, expected = loaded.encode(samples), original.encode(samples)
+    assert torch.equal(got.inputs["input_ids"], expected.inputs["input_ids"])
+    assert torch.equal(got.target_mask, expected.target_mask)
+    opener = "[/INST]" if family == "mistral3" else "<|im_start|>"
+    assert loaded.tokenizer.convert_tokens_to_ids(opener) in got.inputs["input_ids"][0].tolist()
+    with torch.no_grad():
+        assert torch.isfinite(loaded.forward(got).logits).all()
 
 
 @pytest.mark.parametrize("family", [*AFFECTED, "mistral3"])
