@@ -20,7 +20,7 @@ import tiny_models as tm
 import torch
 
 import canfast
-from canfast.adapters.processors import processor_class_name, torchvision_available
+from canfast.adapters.processors import _torchvision_installed, processor_class_name
 from canfast.errors import BadInput
 
 VLM = tm.VLM_FAMILIES
@@ -37,7 +37,7 @@ VIDEO_PROCESSORS = {
 }
 
 pytestmark = pytest.mark.skipif(
-    torchvision_available(), reason="tests the loading path of a machine without torchvision"
+    _torchvision_installed(), reason="tests the loading path of a machine without torchvision"
 )
 
 
@@ -238,3 +238,15 @@ def test_a_cached_hub_id_loads_offline(family, tmp_path):
     done = run_loading("tiny/checkpoint", family, env)
     assert done.returncode == 0, done.stderr
     assert "torchvision" not in done.stderr.lower(), done.stderr
+
+
+def test_a_torchvision_that_does_not_import_is_one_clear_line(tmp_path, monkeypatch):
+    """transformers takes an installed torchvision for a working one; canfast checks it imports
+    (PyPI's build for another torch does not) and says what to do."""
+    import canfast.adapters.processors as processors
+
+    saved("qwen2_vl", tmp_path)
+    monkeypatch.setattr(processors, "_torchvision_installed", lambda: True)
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # import torchvision now fails
+    with pytest.raises(BadInput, match="torchvision is installed but does not import"):
+        canfast.load(str(tmp_path))

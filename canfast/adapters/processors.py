@@ -24,10 +24,26 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "tokeniz
 VIDEO = "video_processor"
 
 
+def _torchvision_installed() -> bool:
+    return importlib.util.find_spec("torchvision") is not None
+
+
 def torchvision_available() -> bool:
-    """Whether transformers can use torchvision here (installed and importable beside torch)."""
-    if importlib.util.find_spec("torchvision") is None:
+    """Whether transformers can use torchvision here. One that is installed but does not import
+    (a build for another torch) is bad input: transformers would still reach for it."""
+    if not _torchvision_installed():
         return False
+    try:
+        import torchvision  # noqa: F401
+    except Exception as exc:  # a wheel built for another torch fails in many ways
+        import torch
+
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BadInput(
+            f"torchvision is installed but does not import beside torch {torch.__version__} "
+            f"({first}); uninstall it (canfast loads processors without it) or install the "
+            "build made for this torch"
+        ) from None
     from transformers.utils import is_torchvision_available
 
     return bool(is_torchvision_available())
