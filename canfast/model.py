@@ -416,10 +416,8 @@ def _load_pretrained(
     _check_weights(name, allow_pickle)
     if task == "base":
         auto_model = transformers.AutoModel
-        auto_processor = transformers.AutoProcessor if adapter.uses_images else None
     else:
         auto_model = _auto_model_class(adapter, config)
-        auto_processor = transformers.AutoProcessor if adapter.uses_images else None
     kwargs = {"trust_remote_code": trust_remote_code, "output_loading_info": True}
     # Without allow_pickle, transformers must not fall back to pytorch_model.bin.
     kwargs["use_safetensors"] = None if allow_pickle else True
@@ -437,11 +435,18 @@ def _load_pretrained(
         hint = "" if allow_pickle or "safetensors" not in str(exc) else " (or --allow-pickle)"
         raise BadInput(f"cannot load model {name!r}: {_first_line(exc)}{hint}") from None
     _check_loaded(name, hf_model, info, task)
-    auto_processor = auto_processor or transformers.AutoTokenizer
     try:
-        processor = auto_processor.from_pretrained(name, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        raise BadInput(f"cannot load the tokenizer of {name!r}: {_first_line(exc)}") from None
+        if not adapter.uses_images:
+            processor = transformers.AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code
+            )
+        else:
+            from canfast.adapters.processors import load_processor
+
+            processor = load_processor(name, config.model_type, trust_remote_code)
+    except (OSError, ValueError, TypeError, ImportError) as exc:
+        part = "processor" if adapter.uses_images else "tokenizer"
+        raise BadInput(f"cannot load the {part} of {name!r}: {_first_line(exc)}") from None
     return hf_model, processor
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from canfast.adapters.processors import without_video
+
 IMAGE_TOKEN = "<image>"
 IMAGE_SIZE = 32
 PATCH_SIZE = 8
@@ -45,8 +47,12 @@ CAUSAL_FAMILIES = ("llava", "instructblip", "llama", "qwen2", "gpt2", "opt", "gp
 # ----- tokenizers ----------------------------------------------------------------------------
 
 
-def tokenizer(style: str = "llama", image_token: bool = False):
+def tokenizer(style: str = "llama", image_token: bool = False, named: dict | None = None):
     """A word-level fast tokenizer.
+
+    ``named`` maps attribute names to special tokens (``{"boi_token": "<start_of_image>"}``):
+    the tokenizer answers ``tok.boi_token`` and ``tok.boi_token_id``, and saves them, as real
+    checkpoints' tokenizers of multimodal models do.
 
     ``style``: ``llama`` (``<s>`` first, ``</s>`` ends answers), ``gpt2`` (no BOS), ``bert``
     (``[CLS] A [SEP]``, a ``[MASK]`` token, token type ids) or ``t5`` (``A </s>``).
@@ -90,7 +96,8 @@ def tokenizer(style: str = "llama", image_token: bool = False):
         clean_up_tokenization_spaces=False,
         model_input_names=names,
         model_max_length=512,
-        extra_special_tokens={"image_token": IMAGE_TOKEN} if image_token else None,
+        extra_special_tokens=({"image_token": IMAGE_TOKEN} if image_token else {}) | (named or {})
+        or None,
         **kwargs,
     )
     if style in ("llama", "gpt2"):
@@ -546,26 +553,15 @@ NEW_VLM_FAMILIES = (
 )
 
 
-def _without_video(processor_class):
-    """``processor_class`` accepting no video processor: transformers' video processors need
-    torchvision, which is not installed here, and its class check looks them up even for None."""
-
-    class Processor(processor_class):
-        def check_argument_for_proper_class(self, argument_name, argument):
-            if argument is None:
-                return None
-            return super().check_argument_for_proper_class(argument_name, argument)
-
-    Processor.__name__ = processor_class.__name__
-    return Processor
-
-
-def _tokenizer_with(*specials: str, image_token: str | None = None, style: str = "llama"):
+def _tokenizer_with(
+    *specials: str, image_token: str | None = None, style: str = "llama", named: dict | None = None
+):
     """The word-level tokenizer plus special tokens; ``image_token`` also names the tokenizer's
-    ``image_token`` (processors look for it)."""
+    ``image_token`` (processors look for it), and ``named`` names others (see :func:`tokenizer`).
+    """
     from tokenizers import AddedToken
 
-    tok = tokenizer(style)
+    tok = tokenizer(style, named=named)
     tok.add_tokens(
         [AddedToken(t, special=True, normalized=False) for t in specials], special_tokens=True
     )
@@ -692,7 +688,7 @@ def _llava_onevision():
 
     tok = _tokenizer_with(IMAGE_TOKEN, "<video>", "<|im_start|>", "<|im_end|>")
     grid = [[IMAGE_SIZE, IMAGE_SIZE]]
-    processor = _without_video(LlavaOnevisionProcessor)(
+    processor = without_video(LlavaOnevisionProcessor)(
         image_processor=LlavaOnevisionImageProcessorPil(
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=grid
         ),
@@ -737,8 +733,8 @@ def _qwen_vl(version: str):
         temporal_patch_size=2,
         size={"shortest_edge": IMAGE_SIZE * IMAGE_SIZE, "longest_edge": IMAGE_SIZE * IMAGE_SIZE},
     )
-    processor = _without_video(getattr(transformers, f"{prefix}Processor"))(
-        image_processor=image_processor, tokenizer=tok, video_processor=None
+    processor = without_video(getattr(transformers, f"{prefix}Processor"))(
+        image_processor=image_processor, tokenizer=tok
     )
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIALS}
     text = dict(
@@ -844,11 +840,8 @@ def _gemma3():
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     specials = ("<start_of_image>", "<end_of_image>", "<image_soft_token>")
-    tok = _tokenizer_with(*specials, "<start_of_turn>", "<end_of_turn>")
-    tok.boi_token, tok.eoi_token, tok.image_token = specials
-    tok.boi_token_id, tok.eoi_token_id, tok.image_token_id = (
-        tok.convert_tokens_to_ids(t) for t in specials
-    )
+    named = dict(zip(("boi_token", "eoi_token", "image_token"), specials, strict=True))
+    tok = _tokenizer_with(*specials, "<start_of_turn>", "<end_of_turn>", named=named)
     processor = Gemma3Processor(
         image_processor=Gemma3ImageProcessorPil(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}),
         tokenizer=tok,
@@ -879,9 +872,10 @@ def _idefics3(smol: bool):
     tok = _tokenizer_with(*specials)
     scale = 2
     image_seq_len = NUM_PATCHES // scale**2
-    # SmolVLM's own processor imports num2words (not installed here); Idefics3's writes the
-    # same image tokens for a single image without splitting.
-    processor = transformers.Idefics3Processor(
+    # SmolVLM's processor takes a video processor (None here) where Idefics3's takes none.
+    video = {"video_processor": None} if smol else {}
+    processor = without_video(getattr(transformers, f"{prefix}Processor"))(
+        **video,
         image_processor=getattr(pil, f"{prefix}ImageProcessorPil")(
             do_image_splitting=False,
             size={"longest_edge": IMAGE_SIZE},
@@ -966,20 +960,16 @@ def _internvl():
     )
 
     specials = ("<img>", "</img>", "<IMG_CONTEXT>", "<video>")
-    tok = _tokenizer_with(*specials, "<|im_start|>", "<|im_end|>")
-    tok.start_image_token, tok.end_image_token, tok.context_image_token, tok.video_token = specials
-    tok.start_image_token_id, tok.end_image_token_id, tok.context_image_token_id = (
-        tok.convert_tokens_to_ids(t) for t in specials[:3]
-    )
-    tok.video_token_id = tok.convert_tokens_to_ids("<video>")
+    names = ("start_image_token", "end_image_token", "context_image_token", "video_token")
+    named = dict(zip(names, specials, strict=True))
+    tok = _tokenizer_with(*specials, "<|im_start|>", "<|im_end|>", named=named)
     scale = 0.5
     image_seq = int(NUM_PATCHES * scale**2)
-    processor = _without_video(InternVLProcessor)(
+    processor = without_video(InternVLProcessor)(
         image_processor=GotOcr2ImageProcessorPil(
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, crop_to_patches=False
         ),
         tokenizer=tok,
-        video_processor=None,
         image_seq_length=image_seq,
     )
     config = InternVLConfig(
@@ -996,27 +986,6 @@ def _internvl():
     return InternVLForConditionalGeneration(config), processor
 
 
-class PixtralStandIn:
-    """What PixtralProcessor does for one image, without it: transformers' Pixtral processor
-    module imports torchvision, which is not installed here. Each ``[IMG]`` of the text becomes
-    rows of ``[IMG]`` tokens (one per merged patch) ended by ``[IMG_BREAK]``, the last by
-    ``[IMG_END]``."""
-
-    def __init__(self, image_processor, tokenizer, patch_size: int, spatial_merge_size: int):
-        self.image_processor = image_processor
-        self.tokenizer = tokenizer
-        self.step = patch_size * spatial_merge_size
-
-    def __call__(self, images, text, return_tensors="pt"):
-        pixels = self.image_processor(images, patch_size=self.step, return_tensors="pt")
-        texts = []
-        for line, (height, width) in zip(text, pixels["image_sizes"].tolist(), strict=True):
-            row = "[IMG]" * (width // self.step) + "[IMG_BREAK]"
-            tokens = (row * (height // self.step))[: -len("[IMG_BREAK]")] + "[IMG_END]"
-            texts.append(line.replace("[IMG]", tokens, 1))
-        return {**self.tokenizer(texts, return_tensors=return_tensors), **pixels}
-
-
 def _mistral3():
     from transformers import (
         Mistral3Config,
@@ -1026,10 +995,15 @@ def _mistral3():
     )
     from transformers.models.pixtral.image_processing_pil_pixtral import PixtralImageProcessorPil
 
+    from canfast.adapters.processors import PixtralProcessorPil
+
     specials = ("[IMG]", "[IMG_BREAK]", "[IMG_END]", "[INST]", "[/INST]")
     tok = _tokenizer_with(*specials)
-    processor = PixtralStandIn(
-        PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}), tok, PATCH_SIZE, 2
+    processor = PixtralProcessorPil(
+        image_processor=PixtralImageProcessorPil(size={"longest_edge": IMAGE_SIZE}),
+        tokenizer=tok,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=2,
     )
     vision = PixtralVisionConfig(
         hidden_size=HIDDEN,
