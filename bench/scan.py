@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import time
@@ -330,12 +331,15 @@ def main() -> None:
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        # The machine may be shared: the 1, 5 and 15 minute load averages around the run.
+        "load_average_start": list(os.getloadavg()),
     }
     if args.screening_only:
         report["full"] = json.loads(RESULTS.read_text())["full"]
     else:
         report["full"] = full_scan_bench(args.quick, 2 if args.quick else args.naive_per_site)
     report["screening"] = screening_bench(2 if args.quick else args.screen_samples)
+    report["load_average_end"] = list(os.getloadavg())
     full, screening = report["full"], report["screening"]
     rows = [
         ("neurons scanned (down + mid, two layers)", f"{full['neurons']}"),

@@ -60,6 +60,7 @@ class Ablator:
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.progress = progress
         self.block_limit: int | None = None  # lowered for good after an out-of-memory error
+        self.record_limit: int | None = None  # sites per shared record pass, likewise
         self.halvings = 0
         self.ablations = 0
         self._timeline: prefix.Timeline | None = None
@@ -115,38 +116,86 @@ class Ablator:
     def site_totals(self, site: Site, neurons: Tensor, bar: tqdm | None = None) -> Tensor:
         """Per neuron of ``neurons``: summed loss with it removed minus without, over every
         batch (float64, on the CPU)."""
+        return self.sites_totals([(site, neurons)], bar)[0]
+
+    @torch.no_grad()
+    def sites_totals(
+        self, jobs: Sequence[tuple[Site, Tensor]], bar: tqdm | None = None
+    ) -> list[Tensor]:
+        """:meth:`site_totals` for several sites, with one record pass per data batch shared by
+        as many sites as memory allows (an out-of-memory error in a record pass halves the
+        group), instead of one full forward per site and batch."""
         recorded = self.timeline()
-        cut = recorded.cut(site.module)
-        site_call = recorded.call(site.module)
         device = self.model.device
-        neurons = neurons.to(device=device, dtype=torch.long)
-        totals = torch.zeros(neurons.shape[0], dtype=torch.float64)
+        plans = [
+            (
+                site,
+                recorded.cut(site.module),
+                recorded.call(site.module),
+                neurons.to(device=device, dtype=torch.long),
+            )
+            for site, neurons in jobs
+        ]
+        totals = [torch.zeros(neurons.shape[0], dtype=torch.float64) for *_, neurons in plans]
+        todo = [i for i, plan in enumerate(plans) if plan[3].shape[0] > 0]
         for batch in self.batches:
-            with prefix.recording(cut, site_call) as record:
-                base = self._forward_losses(batch)
-            if record.site_output is None:
-                raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")
-            base_sum = float(base.sum())
             start = 0
-            while start < neurons.shape[0]:
-                size = self.block_size(batch)
-                block = neurons[start : start + size]
+            while start < len(todo):
+                group = todo[start : start + (self.record_limit or len(todo))]
                 try:
-                    masked = run_block(self, batch, site, cut, record, block)
+                    with prefix.recording_sites(
+                        [plans[i][1] for i in group], [plans[i][2] for i in group]
+                    ) as records:
+                        base = self._forward_losses(batch)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
-                    if not is_out_of_memory(exc) or block.shape[0] == 1:
+                    if not is_out_of_memory(exc) or len(group) == 1:
                         raise
-                    self.block_limit = max(1, block.shape[0] // 2)
+                    self.record_limit = max(1, len(group) // 2)
                     self.halvings += 1
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
                     continue
-                totals[start : start + block.shape[0]] += masked.cpu() - base_sum
-                start += block.shape[0]
-                self.ablations += block.shape[0]
-                if bar is not None:
-                    bar.update(block.shape[0])
+                base_sum = float(base.sum())
+                for i, record in zip(group, records, strict=True):
+                    site, cut, _, neurons = plans[i]
+                    if record.site_output is None:
+                        raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")
+                    totals[i] += self._blocks(batch, site, cut, record, neurons, bar) - base_sum
+                del records
+                start += len(group)
         return totals
+
+    def _blocks(
+        self,
+        batch: Batch,
+        site: Site,
+        cut: list[prefix.Call],
+        record: prefix.Record,
+        neurons: Tensor,
+        bar: tqdm | None,
+    ) -> Tensor:
+        """Summed loss over ``batch`` with each of ``neurons`` removed alone, block by block."""
+        masked = torch.zeros(neurons.shape[0], dtype=torch.float64)
+        start = 0
+        while start < neurons.shape[0]:
+            size = self.block_size(batch)
+            block = neurons[start : start + size]
+            try:
+                losses = run_block(self, batch, site, cut, record, block)
+            except (RuntimeError, torch.OutOfMemoryError) as exc:
+                if not is_out_of_memory(exc) or block.shape[0] == 1:
+                    raise
+                self.block_limit = max(1, block.shape[0] // 2)
+                self.halvings += 1
+                if self.model.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
+            masked[start : start + block.shape[0]] = losses.cpu()
+            start += block.shape[0]
+            self.ablations += block.shape[0]
+            if bar is not None:
+                bar.update(block.shape[0])
+        return masked
 
 
 def run_block(

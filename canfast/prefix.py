@@ -222,22 +222,14 @@ class Record:
 def recording(cut: list[Call], site: Call) -> Iterator[Record]:
     """Keep the outputs of the ``cut`` modules and the site's output and input during the
     forward pass inside the block."""
-    record = Record({}, {})
-    handles = []
+    with recording_sites([cut], [site]) as records:
+        yield records[0]
+
+
+def _site_hooks(site: Call, record: Record) -> list:
+    """Hooks that keep the site's output and input, and find the outermost enclosing module
+    that returns the site's output object itself."""
     raw: dict[str, Any] = {}
-
-    def keeper(key: int):
-        def keep(module, args, kwargs, output):
-            if key in record.outputs:
-                raise RuntimeError("prefix reuse: a cut module ran twice in one forward")
-            record.outputs[key] = _copy(output)
-            record.rows[key] = first_rows(args, kwargs)
-
-        return keep
-
-    for call in cut:
-        hook = keeper(id(call.module))
-        handles.append(call.module.register_forward_hook(hook, with_kwargs=True))
 
     def keep_site(module, args, kwargs, output):
         raw["output"] = output
@@ -245,28 +237,54 @@ def recording(cut: list[Call], site: Call) -> Iterator[Record]:
         record.site_output = output.detach().clone()
         record.target, record.target_rows = module, first_rows(args, kwargs)
 
-    handles.append(site.module.register_forward_hook(keep_site, with_kwargs=True))
+    handles = [site.module.register_forward_hook(keep_site, with_kwargs=True)]
 
-    def lift(module, args, kwargs, output):
-        # Hooks fire innermost first, so each ancestor sees whether the one below it lifted.
-        below = record.target is not None and record.target is getattr(module, "_lift_below", 0)
-        if below and output is raw.get("output"):
-            record.target, record.target_rows = module, first_rows(args, kwargs)
+    def lifter(below: nn.Module):
+        def lift(module, args, kwargs, output):
+            # Hooks fire innermost first, so each ancestor sees whether the one below lifted.
+            if record.target is below and output is raw.get("output"):
+                record.target, record.target_rows = module, first_rows(args, kwargs)
+
+        return lift
 
     parent, below = site.parent, site.module
     while parent is not None and parent.count == 1:
-        parent.module._lift_below = below
-        handles.append(parent.module.register_forward_hook(lift, with_kwargs=True))
+        handles.append(parent.module.register_forward_hook(lifter(below), with_kwargs=True))
         parent, below = parent.parent, parent.module
+    return handles
+
+
+@contextmanager
+def recording_sites(cuts: list[list[Call]], sites: list[Call]) -> Iterator[list[Record]]:
+    """One record pass for several sites: ``records[i]`` holds what a replay of ``sites[i]``
+    with cut ``cuts[i]`` needs. A module in several cuts is kept once; the records share it."""
+    outputs: dict[int, Any] = {}
+    rows: dict[int, int | None] = {}
+    records = [Record(outputs, rows) for _ in sites]
+    handles = []
+
+    def keeper(key: int):
+        def keep(module, args, kwargs, output):
+            if key in outputs:
+                raise RuntimeError("prefix reuse: a cut module ran twice in one forward")
+            outputs[key] = _copy(output)
+            rows[key] = first_rows(args, kwargs)
+
+        return keep
+
+    modules: dict[int, nn.Module] = {}
+    for cut in cuts:
+        for call in cut:
+            modules[id(call.module)] = call.module
     try:
-        yield record
+        for key, module in modules.items():
+            handles.append(module.register_forward_hook(keeper(key), with_kwargs=True))
+        for site, record in zip(sites, records, strict=True):
+            handles += _site_hooks(site, record)
+        yield records
     finally:
         for handle in handles:
             handle.remove()
-        ancestor = site.parent
-        while ancestor is not None:
-            vars(ancestor.module).pop("_lift_below", None)
-            ancestor = ancestor.parent
 
 
 @contextmanager

@@ -206,6 +206,46 @@ def test_out_of_memory_halves_the_block_and_goes_on(monkeypatch):
     _assert_close_relative(result["language.1.down"], want)
 
 
+def test_one_record_pass_per_batch_serves_every_site(monkeypatch):
+    model = tiny_models.wrap("llava", dtype=torch.float64)
+    samples = _samples("llava")
+    real = prefix.recording_sites
+    groups = []
+
+    def counted(cuts, sites):
+        groups.append(len(sites))
+        return real(cuts, sites)
+
+    monkeypatch.setattr(prefix, "recording_sites", counted)
+    result = scan(model, samples, targets="given", batch_size=2, progress=False)
+    # Two batches, each recorded once for all sites of both components.
+    assert groups == [len(result.sites)] * 2
+    assert any(s.startswith("vision.") for s in result.sites)
+
+
+def test_out_of_memory_in_a_shared_record_pass_halves_the_site_group(monkeypatch):
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    samples = _samples("llama")
+    real = prefix.recording_sites
+    groups = []
+
+    def flaky(cuts, sites):
+        groups.append(len(sites))
+        if len(sites) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(cuts, sites)
+
+    monkeypatch.setattr(prefix, "recording_sites", flaky)
+    names = ["language.0.up", "language.0.down", "language.1.down"]
+    result = scan(model, samples, sites=names, targets="given", batch_size=3, progress=False)
+    # One batch: 3 sites fail, 1 (the halved limit) at a time goes on.
+    assert groups == [3, 1, 1, 1]
+    assert result.overview["timings"]["block_halvings"] == 1
+    for name in names:
+        want = naive_deltas(model, samples, model.site(name), 3)
+        _assert_close_relative(result[name], want)
+
+
 def test_other_errors_are_not_taken_for_out_of_memory(monkeypatch):
     model = tiny_models.wrap("llama")
 
