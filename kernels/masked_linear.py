@@ -5,10 +5,11 @@ One tiled matmul kernel serves both directions. The input mask is applied to eac
 it is loaded, and bias and output mask are fused into the epilogue, so masking costs no extra
 pass over memory. The backward is the same kernel: ``dL/dx = ((g * out_mask) @ W) * in_mask`` is
 a masked linear layer with the weight transposed (a stride swap, no copy) and the two masks
-exchanged. When it scores unit ``mid``, the epilogue also reads the matching tile of ``x`` and
-adds the per-sample sums of ``|dL/dx|**alpha * |x|``, ``|x|`` and ``|dL/dx|`` to the score with
-atomic adds (a row tile may hold the end of one sample and the start of the next), so scoring
-writes no copy of ``x`` or ``dL/dx``.
+exchanged. When it scores unit ``mid``, the epilogue, after storing its ``dL/dx`` tile, reads
+it back with the matching tile of ``x`` in narrow column strips and adds the per-sample sums of
+``|dL/dx|**alpha * |x|``, ``|x|`` and ``|dL/dx|`` to the score with atomic adds (a row tile may
+hold the end of one sample and the start of the next), so scoring writes no copy of ``x`` or
+``dL/dx``.
 
 Masks are ``[M, C]``: the rows split into ``M`` equal blocks, block ``m`` using mask row ``m``
 (``M = 1``: one mask for every row). ``W`` is in ``nn.Linear`` layout ``[N, K]`` with any
@@ -29,13 +30,16 @@ from ._common import configs, dot_dtype, dot_precision, prune_by_resources, size
 from .score_accumulate import alpha_mode, weighted_term
 
 # The autotune candidates on CUDA. Each is compiled ahead of time for sm_80 and sm_90 in every
-# dtype and launcher variant (canfast.kernels.report): none spills in bf16, fp16 or TF32, and each
-# bf16/fp16 dot runs on mma.sync / wgmma (hence 4 warps at least and 64-row tiles). In IEEE
-# float32 (a dot on the CUDA cores) some spill or overflow shared memory; the autotuner drops
-# those per call from the compiled-resource table in _resources.py.
+# dtype and launcher variant (canfast.kernels.report): none spills in bf16 or fp16, with or
+# without the score epilogue, and each bf16/fp16 dot runs on mma.sync / wgmma (hence 4 warps at
+# least and 64-row tiles). In float32 (IEEE dots on the CUDA cores, and TF32 tiles that need
+# twice the shared memory) some spill or overflow shared memory; the autotuner drops those per
+# call from the compiled-resource table in _resources.py. SCORE_N is the width of the score
+# epilogue's column strips: 16 keeps it to a few registers per thread (32 left the IEEE float32
+# 128x128 tile 16 bytes of spill on sm_80).
 CUDA_CONFIGS = [
     triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SCORE_N": 16},
         num_stages=stages,
         num_warps=warps,
     )
@@ -59,7 +63,10 @@ _BATCHED_MASK = 2  # [M, C]: one per block of rows
 @triton.autotune(
     configs=configs(
         cuda=CUDA_CONFIGS,
-        interpreter=triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2}),
+        # Two score strips per tile, so the interpreter tests run the strip loop.
+        interpreter=triton.Config(
+            {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SCORE_N": 16}
+        ),
     ),
     key=["N", "K", "m_bucket"],
     prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr", "SCORE")},
@@ -115,6 +122,7 @@ def _masked_linear_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SCORE_N: tl.constexpr,
 ):
     # Grouped tile order: GROUP_M row tiles sweep the column tiles together, so the weight tiles
     # they share are still in L2 when the next row tile needs them.
@@ -165,32 +173,44 @@ def _masked_linear_kernel(
     elif OUT_MASK == 2:
         out_mask = out_mask_ptr + (rows // rows_per_out_mask)[:, None] * stride_om
         acc *= tl.load(out_mask + cols[None, :] * stride_on, mask=ok, other=0.0).to(tl.float32)
+    y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
+    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
     if SCORE:
-        # The score of (act, y): y rounded as stored, as a separate pass would read it back.
-        g = tl.abs(acc.to(y_ptr.dtype.element_ty).to(tl.float32))
-        act = act_ptr + rows.to(tl.int64)[:, None] * stride_am + cols[None, :] * stride_an
-        a = tl.abs(tl.load(act, mask=ok, other=0.0).to(tl.float32))
+        # The score of (act, y) reads y back as stored (rounded to its dtype, as a separate
+        # pass would see it) in column strips of SCORE_N: holding the whole accumulator, the
+        # activation tile and the weighted term at once spilled every tensor-core tile, and the
+        # strip just written is still in L1/L2. The barrier makes every thread's stores visible
+        # to the threads that read them back.
+        tl.debug_barrier()
         sample = rows // rows_per_sample
-        keep = ok
+        keep_rows = row_ok
         if HAS_VALID:
             step = rows % rows_per_sample
             v = tl.load(valid_ptr + sample * stride_vb + step * stride_vt, mask=row_ok, other=0)
-            keep = keep & (v != 0)[:, None]
-        a = tl.where(keep, a, 0.0)
-        g = tl.where(keep, g, 0.0)
-        weighted = weighted_term(a, g, alpha, ALPHA_MODE)
+            keep_rows = keep_rows & (v != 0)
         # A row tile may span several samples: one masked column sum per sample it touches.
         first = (pid_m * BLOCK_M) // rows_per_sample
         last = (tl.minimum(pid_m * BLOCK_M + BLOCK_M, M) - 1) // rows_per_sample
-        for s in range(first, last + 1):
-            mine = (sample == s)[:, None]
-            dst = score_ptr + s * stride_sb + cols * stride_sn
-            tl.atomic_add(dst, tl.sum(tl.where(mine, weighted, 0.0), axis=0), mask=col_ok)
-            tl.atomic_add(dst + stride_sk, tl.sum(tl.where(mine, a, 0.0), axis=0), mask=col_ok)
-            g_sum = tl.sum(tl.where(mine, g, 0.0), axis=0)
-            tl.atomic_add(dst + 2 * stride_sk, g_sum, mask=col_ok)
-    y = y_ptr + rows.to(tl.int64)[:, None] * stride_ym + cols[None, :] * stride_yn
-    tl.store(y, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        act_rows = act_ptr + rows.to(tl.int64)[:, None] * stride_am
+        y_rows = y_ptr + rows.to(tl.int64)[:, None] * stride_ym
+        for c0 in range(0, BLOCK_N, SCORE_N):
+            strip = pid_n * BLOCK_N + c0 + tl.arange(0, SCORE_N)
+            strip_ok = strip < N
+            keep = keep_rows[:, None] & strip_ok[None, :]
+            g = tl.load(y_rows + strip[None, :] * stride_yn, mask=keep, other=0.0)
+            g = tl.abs(g.to(tl.float32))
+            a = tl.load(act_rows + strip[None, :] * stride_an, mask=keep, other=0.0)
+            a = tl.abs(a.to(tl.float32))
+            weighted = weighted_term(a, g, alpha, ALPHA_MODE)
+            for s in range(first, last + 1):
+                mine = (sample == s)[:, None]
+                dst = score_ptr + s * stride_sb + strip * stride_sn
+                w_sum = tl.sum(tl.where(mine, weighted, 0.0), axis=0)
+                tl.atomic_add(dst, w_sum, mask=strip_ok)
+                a_sum = tl.sum(tl.where(mine, a, 0.0), axis=0)
+                tl.atomic_add(dst + stride_sk, a_sum, mask=strip_ok)
+                g_sum = tl.sum(tl.where(mine, g, 0.0), axis=0)
+                tl.atomic_add(dst + 2 * stride_sk, g_sum, mask=strip_ok)
 
 
 def _aot_variants() -> list[Variant]:
