@@ -1,0 +1,118 @@
+"""Vision towers whose rows do not split evenly into the batch's samples: towers that pack every
+image of a batch into one sequence (Qwen-VL, Pixtral in Mistral 3) and towers that run each
+image's tiles as rows of their own (LLaVA-NeXT, OneVision). With images of different sizes in one
+batch, each sample's S must still be the mean over its own rows alone."""
+
+import pytest
+import tiny_models as tm
+import torch
+from test_families import capture, reduce
+
+import canfast
+from canfast import ops
+from canfast.score import image_rows
+
+WIDE_GRID_SEED = 7
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "mistral3", "llava_next", "llava_onevision"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    # A grid of several aspect ratios, so that LLaVA-NeXT and OneVision cut these images into
+    # different numbers of tiles.
+    side = tm.IMAGE_SIZE
+    saved = tm.LLAVA_GRID
+    tm.LLAVA_GRID = [[side, side], [2 * side, side], [side, 2 * side], [2 * side, 2 * side]]
+    try:
+        # A seed of their own: tiny_models caches builds per (family, seed), so these wide-grid
+        # builds neither reach other tests nor come from their cache.
+        yield {
+            (family, dtype): tm.wrap(family, seed=WIDE_GRID_SEED, dtype=dtype)
+            for family in FAMILIES
+            for dtype in (torch.float32, torch.float64)
+        }
+    finally:
+        tm.LLAVA_GRID = saved
+
+
+def model_of(cache, family, dtype=torch.float32):
+    return cache[(family, dtype)]
+
+
+def mixed(family: str, n: int = 4) -> list[canfast.Sample]:
+    """``n`` samples whose images differ in size and aspect ratio (so in patches and tiles)."""
+    side = tm.IMAGE_SIZE
+    shapes = [(side, side), (2 * side, side), (side, 3 * side), (3 * side, 2 * side)]
+    out = []
+    for i, s in enumerate(tm.samples(family, n)):
+        out.append(canfast.Sample(s.image.resize(shapes[i % len(shapes)]), s.prompt, s.target))
+    return out
+
+
+def check(scores, expected, label):
+    for name, value in expected.items():
+        got = scores[name].double()
+        scale = value.abs().max().item()
+        torch.testing.assert_close(got, value, rtol=1e-5, atol=1e-7 * scale, msg=f"{label} {name}")
+
+
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_mixed_sizes_in_one_batch_match_the_per_sample_reference(models, family, unit):
+    model = model_of(models, family, torch.float64)
+    model.hf.requires_grad_(True)
+    samples = mixed(family)
+    alpha = 0.5
+    names = [s.name for s in model.sites(unit)]
+    expected = reduce(capture(model, samples, unit), alpha, names)
+    vision = [s.name for s in model.sites(unit) if s.component in ("vision", "projector")]
+    assert vision and all(n in expected for n in vision)
+    scores = canfast.score(
+        model,
+        samples,
+        alpha=alpha,
+        unit=unit,
+        targets="given",
+        batch_size=4,
+        backend="torch",
+        progress=False,
+    )
+    assert sorted(scores.sites) == sorted(names)
+    check(scores, expected, f"{family} bs=4")
+    # The spread is over samples too: batch_size 4 and batch_size 1 agree on it.
+    single = canfast.score(
+        model,
+        samples,
+        alpha=alpha,
+        unit=unit,
+        targets="given",
+        batch_size=1,
+        backend="torch",
+        progress=False,
+    )
+    for name in vision:
+        torch.testing.assert_close(scores.stats[name]["std"], single.stats[name]["std"])
+
+
+@pytest.mark.skipif(not ops.available("cpp"), reason="the C++ extension is not built")
+@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next"])
+def test_fused_path_on_mixed_sizes(models, family):
+    """The fused sink takes the per-image groups too, and sums them into their samples."""
+    model = model_of(models, family)
+    samples = mixed(family)
+    common = dict(targets="given", batch_size=4, backend="cpp", progress=False)
+    fused = canfast.score(model, samples, path="fused", **common)
+    hooks = canfast.score(model, samples, path="hooks", **common)
+    for name in hooks.sites:
+        torch.testing.assert_close(fused[name], hooks[name], rtol=1e-4, atol=1e-6)
+
+
+def test_tile_counts_follow_the_model(models):
+    """LLaVA-NeXT's tiles per image are the model's own count, which differs across these."""
+    model = model_of(models, "llava_next")
+    batch = model.encode(mixed("llava_next"))
+    layout = image_rows(model, batch)
+    assert layout.layout == "tiled"
+    pixel_tiles = [int((p.flatten(1).abs().sum(1) > 0).sum()) for p in batch.inputs["pixel_values"]]
+    assert layout.sizes.tolist() == pixel_tiles
+    assert len(set(pixel_tiles)) > 1
