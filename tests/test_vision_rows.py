@@ -6,10 +6,11 @@ batch, each sample's S must still be the mean over its own rows alone."""
 import pytest
 import tiny_models as tm
 import torch
-from test_families import capture, reduce
+from test_families import capture, pick, reduce
 
 import canfast
-from canfast import ops
+from canfast import masked, ops
+from canfast.objective import evaluate
 from canfast.score import image_rows
 
 WIDE_GRID_SEED = 7
@@ -116,3 +117,43 @@ def test_tile_counts_follow_the_model(models):
     pixel_tiles = [int((p.flatten(1).abs().sum(1) > 0).sum()) for p in batch.inputs["pixel_values"]]
     assert layout.sizes.tolist() == pixel_tiles
     assert len(set(pixel_tiles)) > 1
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next", "llava_onevision"])
+def test_batch_of_masks_on_mixed_sizes_equals_weight_masking(models, family):
+    """A batch of masks repeats the batch once per mask; each copy's vision rows (packed or
+    tiled, of mixed sizes) must meet its own mask only."""
+    model = model_of(models, family)
+    samples = mixed(family)
+    sets = [pick(model, "out", 2, seed) for seed in range(3)]
+    with masked(model, sets, mode="hook", backend="torch"):
+        together = [e.ppl for e in evaluate(model, samples, batch_size=4, masks=len(sets))]
+    alone = []
+    for neurons in sets:
+        with masked(model, neurons, mode="weight"):
+            alone.append(evaluate(model, samples, batch_size=4)[0].ppl)
+    assert together == pytest.approx(alone, rel=1e-5)
+    assert len(set(round(p, 6) for p in alone)) == len(alone)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next"])
+def test_sweep_on_mixed_sizes_equals_weight_masking(models, family):
+    model = model_of(models, family)
+    samples = mixed(family)
+    common = dict(targets="given", batch_size=4, backend="torch", progress=False)
+    scores = canfast.score(model, samples, **common)
+    result = canfast.sweep(
+        model,
+        samples,
+        scores,
+        schedule=[4, 16],
+        tau=50.0,  # never reached: every k of the schedule is evaluated
+        seeds=1,
+        masks_per_pass=2,
+        generations=0,
+        **common,
+    )
+    for k in (4, 16):
+        with masked(model, scores.top(k), mode="weight"):
+            ppl = evaluate(model, samples, batch_size=4)[0].ppl
+        assert result.curve.ppl[result.curve.k.index(k)] == pytest.approx(ppl, rel=1e-5)
