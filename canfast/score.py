@@ -266,18 +266,55 @@ def image_rows(model: Model, batch: Batch) -> ImageRows | None:
             [_tiles_of(config, tuple(int(v) for v in size)) for size in sizes.tolist()]
         )
         layout = "tiled"
+    elif getattr(config, "model_type", None) == "internvl":
+        return _internvl_tiles(model, batch)
     elif sizes is not None and vision is not None and hasattr(vision, "patch_size"):
         patch = int(vision.patch_size)
         sizes = sizes.long().cpu()
         layout, counts = "packed", (sizes[:, 0] // patch) * (sizes[:, 1] // patch)
     else:
         return None
-    if counts.shape[0] != batch.size:
+    return ImageRows(layout, counts, _image_owners(model, batch, counts.shape[0]))
+
+
+def _image_owners(model: Model, batch: Batch, images: int) -> Tensor:
+    """The sample of each image of a batch, in order: every sample when each has one; else the
+    samples whose prompt holds the image token (a sample holds at most one image)."""
+    if images == batch.size:
+        return torch.arange(batch.size)
+    config = model.hf.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    ids = batch.inputs.get("input_ids")
+    if token is not None and ids is not None:
+        holders = (ids == token).any(1).nonzero()[:, 0].cpu()
+        if holders.shape[0] == images:
+            return holders
+    raise BadInput(
+        f"cannot tell which sample each of the {images} images of a batch of {batch.size} "
+        "belongs to; score with batch_size=1"
+    )
+
+
+def _internvl_tiles(model: Model, batch: Batch) -> ImageRows | None:
+    """InternVL runs every tile of every image (its processor may cut an image into several) as
+    rows of one batch of tiles, and each tile fills the same number of image tokens: a sample's
+    tiles are its share of the image tokens."""
+    pixels = batch.inputs.get("pixel_values")
+    ids = batch.inputs.get("input_ids")
+    if pixels is None or ids is None:
+        return None
+    tokens = (ids == model.hf.config.image_token_id).sum(1).long().cpu()
+    tiles, total = pixels.shape[0], int(tokens.sum())
+    if total == 0 or bool((tokens * tiles % total).any()):
         raise BadInput(
-            f"{counts.shape[0]} images for {batch.size} samples in one batch: canfast scores "
-            "one image per sample here; score with batch_size=1"
+            f"cannot tell which sample each of {tiles} image tiles belongs to from {total} "
+            "image tokens; score with batch_size=1"
         )
-    return ImageRows(layout, counts, torch.arange(batch.size))
+    counts = tokens * tiles // total
+    owner = counts.nonzero()[:, 0]
+    return ImageRows("tiled", counts[owner], owner)
 
 
 def _tiles_of(config, image_size: tuple[int, int]) -> int:

@@ -14,7 +14,15 @@ from canfast.objective import evaluate
 from canfast.score import image_rows
 
 WIDE_GRID_SEED = 7
-FAMILIES = ["qwen2_vl", "qwen2_5_vl", "mistral3", "llava_next", "llava_onevision"]
+FAMILIES = [
+    "qwen2_vl",
+    "qwen2_5_vl",
+    "qwen3_vl",
+    "mistral3",
+    "llava_next",
+    "llava_onevision",
+    "internvl",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,11 +35,16 @@ def models():
     try:
         # A seed of their own: tiny_models caches builds per (family, seed), so these wide-grid
         # builds neither reach other tests nor come from their cache.
-        yield {
+        cache = {
             (family, dtype): tm.wrap(family, seed=WIDE_GRID_SEED, dtype=dtype)
             for family in FAMILIES
             for dtype in (torch.float32, torch.float64)
         }
+        # InternVL's processor cuts each image into tiles by its aspect ratio (as real
+        # checkpoints configure it); the processor of this seed's build is these tests' own.
+        for dtype in (torch.float32, torch.float64):
+            cache[("internvl", dtype)].processor.image_processor.crop_to_patches = True
+        yield cache
     finally:
         tm.LLAVA_GRID = saved
 
@@ -108,6 +121,15 @@ def test_fused_path_on_mixed_sizes(models, family):
         torch.testing.assert_close(fused[name], hooks[name], rtol=1e-4, atol=1e-6)
 
 
+def test_internvl_tiles_follow_its_image_tokens(models):
+    model = model_of(models, "internvl")
+    batch = model.encode(mixed("internvl"))
+    layout = image_rows(model, batch)
+    assert layout.layout == "tiled"
+    assert int(layout.sizes.sum()) == batch.inputs["pixel_values"].shape[0]
+    assert len(set(layout.sizes.tolist())) > 1
+
+
 def test_tile_counts_follow_the_model(models):
     """LLaVA-NeXT's tiles per image are the model's own count, which differs across these."""
     model = model_of(models, "llava_next")
@@ -119,7 +141,9 @@ def test_tile_counts_follow_the_model(models):
     assert len(set(pixel_tiles)) > 1
 
 
-@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next", "llava_onevision"])
+@pytest.mark.parametrize(
+    "family", ["qwen2_vl", "mistral3", "llava_next", "llava_onevision", "internvl"]
+)
 def test_batch_of_masks_on_mixed_sizes_equals_weight_masking(models, family):
     """A batch of masks repeats the batch once per mask; each copy's vision rows (packed or
     tiled, of mixed sizes) must meet its own mask only."""
