@@ -266,6 +266,8 @@ def image_rows(model: Model, batch: Batch) -> ImageRows | None:
             [_tiles_of(config, tuple(int(v) for v in size)) for size in sizes.tolist()]
         )
         layout = "tiled"
+    elif getattr(config, "model_type", None) in ("idefics3", "smolvlm"):
+        return _real_tiles(batch)
     elif getattr(config, "model_type", None) == "internvl":
         return _internvl_tiles(model, batch)
     elif sizes is not None and vision is not None and hasattr(vision, "patch_size"):
@@ -295,6 +297,21 @@ def _image_owners(model: Model, batch: Batch, images: int) -> Tensor:
         f"cannot tell which sample each of the {images} images of a batch of {batch.size} "
         "belongs to; score with batch_size=1"
     )
+
+
+def _real_tiles(batch: Batch) -> ImageRows | None:
+    """Idefics3 and SmolVLM run the tiles of ``pixel_values [B, tiles, 3, H, W]`` that are not
+    all zero (the processor's padding), so a sample's tiles are its tiles with a nonzero value:
+    the model's own rule, including its keeping of the first tile when every one is zero."""
+    pixels = batch.inputs.get("pixel_values")
+    if pixels is None or pixels.dim() != 5:
+        return None
+    real = (pixels != 0).flatten(2).any(-1).cpu()
+    if not bool(real.any()):
+        real.view(-1)[0] = True
+    counts = real.sum(1)
+    owner = counts.nonzero()[:, 0]
+    return ImageRows("tiled", counts[owner], owner)
 
 
 def _internvl_tiles(model: Model, batch: Batch) -> ImageRows | None:

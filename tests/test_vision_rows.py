@@ -22,6 +22,8 @@ FAMILIES = [
     "llava_next",
     "llava_onevision",
     "internvl",
+    "idefics3",
+    "smolvlm",
 ]
 
 
@@ -42,8 +44,13 @@ def models():
         }
         # InternVL's processor cuts each image into tiles by its aspect ratio (as real
         # checkpoints configure it); the processor of this seed's build is these tests' own.
+        # Idefics3 and SmolVLM split an image into tiles by its size likewise.
         for dtype in (torch.float32, torch.float64):
             cache[("internvl", dtype)].processor.image_processor.crop_to_patches = True
+            for family in ("idefics3", "smolvlm"):
+                images = cache[(family, dtype)].processor.image_processor
+                images.do_image_splitting = True
+                images.size = {"longest_edge": 3 * side}
         yield cache
     finally:
         tm.LLAVA_GRID = saved
@@ -130,6 +137,14 @@ def test_internvl_tiles_follow_its_image_tokens(models):
     assert len(set(layout.sizes.tolist())) > 1
 
 
+@pytest.mark.parametrize("family", ["idefics3", "smolvlm"])
+def test_split_images_keep_their_own_tiles(models, family):
+    model = model_of(models, family)
+    batch = model.encode(mixed(family))
+    layout = image_rows(model, batch)
+    assert layout.layout == "tiled" and len(set(layout.sizes.tolist())) > 1
+
+
 def test_tile_counts_follow_the_model(models):
     """LLaVA-NeXT's tiles per image are the model's own count, which differs across these."""
     model = model_of(models, "llava_next")
@@ -142,7 +157,7 @@ def test_tile_counts_follow_the_model(models):
 
 
 @pytest.mark.parametrize(
-    "family", ["qwen2_vl", "mistral3", "llava_next", "llava_onevision", "internvl"]
+    "family", ["qwen2_vl", "mistral3", "llava_next", "llava_onevision", "internvl", "smolvlm"]
 )
 def test_batch_of_masks_on_mixed_sizes_equals_weight_masking(models, family):
     """A batch of masks repeats the batch once per mask; each copy's vision rows (packed or
