@@ -116,7 +116,7 @@ def test_mixed_sizes_in_one_batch_match_the_per_sample_reference(models, family,
 
 
 @pytest.mark.skipif(not ops.available("cpp"), reason="the C++ extension is not built")
-@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next"])
+@pytest.mark.parametrize("family", ["qwen2_vl", "mistral3", "llava_next", "internvl", "smolvlm"])
 def test_fused_path_on_mixed_sizes(models, family):
     """The fused sink takes the per-image groups too, and sums them into their samples."""
     model = model_of(models, family)
