@@ -11,7 +11,7 @@ from test_families import capture, pick, reduce
 import canfast
 from canfast import masked, ops
 from canfast.objective import evaluate
-from canfast.score import image_rows
+from canfast.score import ImageRows, image_rows
 
 WIDE_GRID_SEED = 7
 FAMILIES = [
@@ -196,3 +196,18 @@ def test_sweep_on_mixed_sizes_equals_weight_masking(models, family):
         with masked(model, scores.top(k), mode="weight"):
             ppl = evaluate(model, samples, batch_size=4)[0].ppl
         assert result.curve.ppl[result.curve.k.index(k)] == pytest.approx(ppl, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "layout, lead",
+    [("tiled", (4, 7)), ("tiled", (5,)), ("packed", (9,)), ("packed", (1, 7))],
+)
+def test_rows_that_do_not_map_to_images_are_refused(models, layout, lead):
+    """Rows that match neither the tiles nor a whole share of the packed patches: one line,
+    never a guess."""
+    site = model_of(models, "qwen2_vl").sites()[0]
+    images = ImageRows(layout, torch.tensor([2, 3]), torch.arange(2))
+    with pytest.raises(canfast.BadInput, match="cannot tell which sample") as error:
+        images.split(site, torch.Size(lead))
+    assert "\n" not in str(error.value)
+    assert images.split(site, torch.Size((5, 6) if layout == "tiled" else (10,))).owner.tolist()
