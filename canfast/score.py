@@ -369,10 +369,8 @@ class _Collector:
     def rows(self, site: Site, lead: torch.Size) -> SampleRows:
         batch = self.batch
         if self.images is not None and site.component in ("vision", "projector"):
+            # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
             return self.images.split(site, lead)
-        if batch is not None and len(lead) == 2 and lead[0] == 1 < batch.size:
-            # Pixtral packs the patches of every image of the batch into one sequence.
-            lead = torch.Size([lead.numel()])
         rows = SampleRows.of(lead, batch, site.stream)
         routed = getattr(site.module, "routed_rows", None)
         if routed is not None and lead.numel() == site.module.routed_total:
