@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -175,8 +176,11 @@ class _SiteTotals:
 class SampleRows:
     """How the rows of one call of a site's Linear split into samples.
 
-    An activation ``[..., C]`` is read as ``[samples, steps, C]``; ``valid`` (bool
-    ``[samples, steps]``) marks the real rows, or is None when every row is real. This is the
+    An activation ``[..., C]`` is read as ``[groups, steps, C]``; ``valid`` (bool
+    ``[groups, steps]``) marks the real rows, or is None when every row is real. Each group is
+    one sample unless ``owner`` (long ``[groups]``) names the sample of each group: a vision
+    tower that packs a batch's images into one sequence, or runs each image's tiles as rows of
+    their own, gives a sample several groups, of a number that varies with its image. This is the
     one place that decides it, for the fused and the hook path alike: a module that sees only
     some rows of each sample (experts of a mixture, fed the tokens their router picked) needs
     its own rule here.
@@ -185,6 +189,7 @@ class SampleRows:
     samples: int
     steps: int
     valid: Tensor | None
+    owner: Tensor | None = None
 
     @classmethod
     def of(cls, lead: torch.Size, batch: Batch | None, stream: str | None) -> SampleRows:
@@ -202,23 +207,143 @@ class SampleRows:
         return cls(samples, steps, valid)
 
     def counts(self, device: torch.device) -> Tensor:
-        """The number of real rows of each sample."""
+        """The number of real rows of each group."""
         if self.valid is not None:
             return self.valid.sum(1).to(device)
         return torch.full((self.samples,), self.steps, device=device)
 
 
-def _check_images_split_evenly(batch: Batch) -> None:
-    """Vision towers that pack all patches of a batch into one sequence (Qwen-VL, Pixtral) give
-    rows per sample that only split evenly when the batch's images share one size; refuse
-    rather than mix samples."""
-    for key in ("image_grid_thw", "image_sizes"):
-        sizes = batch.inputs.get(key)
-        if sizes is not None and sizes.dim() == 2 and (sizes != sizes[:1]).any():
-            raise BadInput(
-                f"images of different sizes in one batch ({key}); score them with batch_size=1 "
-                "or resize the images to one size"
+@dataclass(frozen=True)
+class ImageRows:
+    """Which sample each image's rows in a vision tower belong to.
+
+    ``packed``: the tower runs every image of the batch as one sequence, image after image, and
+    ``sizes`` holds each image's rows at the patch embedding (a merger downstream divides them
+    all by one factor). ``tiled``: the tower runs each image's tiles as rows of a batch of
+    tiles, and ``sizes`` holds each image's tile count. ``owner`` holds each image's sample.
+    """
+
+    layout: str
+    sizes: Tensor
+    owner: Tensor
+
+    def split(self, site: Site, lead: torch.Size) -> SampleRows:
+        """The rows of one call of a vision-tower site, grouped per image."""
+        total = int(self.sizes.sum())
+        if self.layout == "tiled":
+            if len(lead) < 2 or lead[0] != total:
+                raise BadInput(
+                    f"cannot tell which sample each row of {site.name} belongs to: it runs over "
+                    f"{tuple(lead)} rows for {total} image tiles; score with batch_size=1"
+                )
+            return SampleRows(
+                total, lead.numel() // total, None, self.owner.repeat_interleave(self.sizes)
             )
+        rows = lead.numel()
+        per_image = self.sizes * rows
+        if total == 0 or bool((per_image % total).any()):
+            raise BadInput(
+                f"cannot tell which sample each row of {site.name} belongs to: {rows} rows do not "
+                f"split over images of {self.sizes.tolist()} patches; score with batch_size=1"
+            )
+        per_image = per_image // total
+        # Equal groups of the largest size that divides every image's rows keep the fused
+        # sink's [groups, steps] layout; each group sums into its image's sample afterwards.
+        step = math.gcd(*per_image.tolist())
+        return SampleRows(rows // step, step, None, self.owner.repeat_interleave(per_image // step))
+
+
+def image_rows(model: Model, batch: Batch) -> ImageRows | None:
+    """The image layout of a batch whose vision tower does not run one row block per sample."""
+    config = model.hf.config
+    vision = getattr(config, "vision_config", None)
+    grid = batch.inputs.get("image_grid_thw")
+    sizes = batch.inputs.get("image_sizes")
+    if grid is not None:
+        layout, counts = "packed", grid.long().prod(-1).cpu()
+    elif sizes is not None and getattr(config, "image_grid_pinpoints", None) is not None:
+        counts = torch.tensor(
+            [_tiles_of(config, tuple(int(v) for v in size)) for size in sizes.tolist()]
+        )
+        layout = "tiled"
+    elif getattr(config, "model_type", None) in ("idefics3", "smolvlm"):
+        return _real_tiles(batch)
+    elif getattr(config, "model_type", None) == "internvl":
+        return _internvl_tiles(model, batch)
+    elif sizes is not None and vision is not None and hasattr(vision, "patch_size"):
+        patch = int(vision.patch_size)
+        sizes = sizes.long().cpu()
+        layout, counts = "packed", (sizes[:, 0] // patch) * (sizes[:, 1] // patch)
+    else:
+        return None
+    return ImageRows(layout, counts, _image_owners(model, batch, counts.shape[0]))
+
+
+def _image_owners(model: Model, batch: Batch, images: int) -> Tensor:
+    """The sample of each image of a batch, in order: every sample when each has one; else the
+    samples whose prompt holds the image token (a sample holds at most one image)."""
+    if images == batch.size:
+        return torch.arange(batch.size)
+    config = model.hf.config
+    token = getattr(config, "image_token_id", None)
+    if token is None:
+        token = getattr(config, "image_token_index", None)
+    ids = batch.inputs.get("input_ids")
+    if token is not None and ids is not None:
+        holders = (ids == token).any(1).nonzero()[:, 0].cpu()
+        if holders.shape[0] == images:
+            return holders
+    raise BadInput(
+        f"cannot tell which sample each of the {images} images of a batch of {batch.size} "
+        "belongs to; score with batch_size=1"
+    )
+
+
+def _real_tiles(batch: Batch) -> ImageRows | None:
+    """Idefics3 and SmolVLM run the tiles of ``pixel_values [B, tiles, 3, H, W]`` that are not
+    all zero (the processor's padding), so a sample's tiles are its tiles with a nonzero value:
+    the model's own rule, including its keeping of the first tile when every one is zero."""
+    pixels = batch.inputs.get("pixel_values")
+    if pixels is None or pixels.dim() != 5:
+        return None
+    real = (pixels != 0).flatten(2).any(-1).cpu()
+    if not bool(real.any()):
+        real.view(-1)[0] = True
+    counts = real.sum(1)
+    owner = counts.nonzero()[:, 0]
+    return ImageRows("tiled", counts[owner], owner)
+
+
+def _internvl_tiles(model: Model, batch: Batch) -> ImageRows | None:
+    """InternVL runs every tile of every image (its processor may cut an image into several) as
+    rows of one batch of tiles, and each tile fills the same number of image tokens: a sample's
+    tiles are its share of the image tokens."""
+    pixels = batch.inputs.get("pixel_values")
+    ids = batch.inputs.get("input_ids")
+    if pixels is None or ids is None:
+        return None
+    tokens = (ids == model.hf.config.image_token_id).sum(1).long().cpu()
+    tiles, total = pixels.shape[0], int(tokens.sum())
+    if total == 0 or bool((tokens * tiles % total).any()):
+        raise BadInput(
+            f"cannot tell which sample each of {tiles} image tiles belongs to from {total} "
+            "image tokens; score with batch_size=1"
+        )
+    counts = tokens * tiles // total
+    owner = counts.nonzero()[:, 0]
+    return ImageRows("tiled", counts[owner], owner)
+
+
+def _tiles_of(config, image_size: tuple[int, int]) -> int:
+    """The tiles LLaVA-NeXT / OneVision run through the vision tower for one image: the
+    model's own count (base image plus the grid that best fits its aspect ratio)."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    return int(
+        image_size_to_num_patches(
+            image_size, config.image_grid_pinpoints, config.vision_config.image_size
+        )
+    )
 
 
 class _Collector:
@@ -230,6 +355,7 @@ class _Collector:
         self.backend = backend
         self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
         self.batch: Batch | None = None
+        self.images: ImageRows | None = None
         self.removers: list = []
 
     def __enter__(self) -> _Collector:
@@ -242,9 +368,9 @@ class _Collector:
 
     def rows(self, site: Site, lead: torch.Size) -> SampleRows:
         batch = self.batch
-        if batch is not None and len(lead) == 2 and lead[0] == 1 < batch.size:
-            # Pixtral packs the patches of every image of the batch into one sequence.
-            lead = torch.Size([lead.numel()])
+        if self.images is not None and site.component in ("vision", "projector"):
+            # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
+            return self.images.split(site, lead)
         rows = SampleRows.of(lead, batch, site.stream)
         routed = getattr(site.module, "routed_rows", None)
         if routed is not None and lead.numel() == site.module.routed_total:
@@ -258,7 +384,13 @@ class _Collector:
         return rows
 
     def add(self, site: Site, sums: Tensor, rows: SampleRows) -> None:
-        self.totals[site.name].add(sums, rows.counts(sums.device))
+        counts = rows.counts(sums.device)
+        if rows.owner is not None:
+            owner = rows.owner.to(sums.device)
+            size = self.batch.size if self.batch is not None else int(owner.max()) + 1
+            sums = sums.new_zeros(size, *sums.shape[1:]).index_add_(0, owner, sums)
+            counts = counts.new_zeros(size).index_add_(0, owner, counts)
+        self.totals[site.name].add(sums, counts)
 
     def reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
         """Score one activation and its gradient with the ``score_accumulate`` op."""
@@ -466,8 +598,8 @@ def score(
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
             for chunk in batches(samples, batch_size):
                 batch = model.encode(chunk).to(model.device)
-                _check_images_split_evenly(batch)
                 collector.batch = batch
+                collector.images = image_rows(model, batch)
                 losses = loss_fn(model.forward(batch), batch)
                 seen[0] += int(batch.target_mask.sum())
                 seen[1] += float(losses.detach().abs().sum())

@@ -637,6 +637,10 @@ def _blip2():
     return Blip2ForConditionalGeneration(config), processor
 
 
+# The anyres grid of the tiny LLaVA-NeXT and OneVision; tests of mixed tile counts widen it.
+LLAVA_GRID = [[IMAGE_SIZE, IMAGE_SIZE]]
+
+
 def _llava_next():
     from transformers import (
         CLIPVisionConfig,
@@ -650,7 +654,7 @@ def _llava_next():
     )
 
     tok = _tokenizer_with(IMAGE_TOKEN, image_token=IMAGE_TOKEN)
-    grid = [[IMAGE_SIZE, IMAGE_SIZE]]
+    grid = LLAVA_GRID
     processor = LlavaNextProcessor(
         image_processor=LlavaNextImageProcessorPil(
             size={"shortest_edge": IMAGE_SIZE},
@@ -687,7 +691,7 @@ def _llava_onevision():
     )
 
     tok = _tokenizer_with(IMAGE_TOKEN, "<video>", "<|im_start|>", "<|im_end|>")
-    grid = [[IMAGE_SIZE, IMAGE_SIZE]]
+    grid = LLAVA_GRID
     processor = without_video(LlavaOnevisionProcessor)(
         image_processor=LlavaOnevisionImageProcessorPil(
             size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}, image_grid_pinpoints=grid

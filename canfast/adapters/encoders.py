@@ -195,6 +195,11 @@ class Encoder:
             tensors = [r[key] for r in rows]
             if key not in TOKEN_KEYS and not any(key.startswith(p) for p in self.own_padding):
                 if any(t.shape[1:] != tensors[0].shape[1:] for t in tensors):
+                    if key in ("pixel_values", "pixel_attention_mask") and (
+                        "image_sizes" in rows[0] or "pixel_attention_mask" in rows[0]
+                    ):
+                        out[key] = _pad_images(tensors)
+                        continue
                     raise BadInput(
                         f"{key} of different sizes in one batch (images of different sizes?); "
                         "use batch_size=1 or resize the images to one size"
@@ -314,3 +319,17 @@ ENCODERS: dict[str, type[Encoder]] = {
     "seq2seq": Seq2SeqEncoder,
     "masked": MaskedEncoder,
 }
+
+
+def _pad_images(tensors: list[Tensor]) -> Tensor:
+    """Stack images of different sizes (or tile counts) with zeros after each one's end: the
+    models that take ``image_sizes`` (LLaVA-NeXT, OneVision, Pixtral) crop each image back to
+    its own size, or tile count, before the vision tower, and Idefics3 / SmolVLM drop all-zero
+    tiles, as their processors' padding expects."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].dim())]
+    out = tensors[0].new_zeros(sum(t.shape[0] for t in tensors), *shape)
+    start = 0
+    for t in tensors:
+        out[(slice(start, start + t.shape[0]), *(slice(0, n) for n in t.shape[1:]))] = t
+        start += t.shape[0]
+    return out
