@@ -18,7 +18,6 @@ import pytest
 
 from canfast.cli import main, main_group
 
-REPO = Path(__file__).resolve().parents[1]
 PROMPT = "what colour is the shape ?"
 WORDS = (
     "<pad> <s> </s> <unk> USER: ASSISTANT: what colour is the shape ? red blue green "
@@ -34,9 +33,9 @@ SWEEP_FAST = [*FAST, "--seeds", "1", "--schedule", "1:4", "--generations", "1"]
 
 
 def run_cli(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m canfast.cli ARGS`` with the repository on the path and the Hub offline."""
+    """``python -m canfast.cli ARGS`` on the installed canfast (as a user runs it; the source
+    tree has no built ``_C``), with the Hub offline."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home")}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(

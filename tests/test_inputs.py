@@ -393,7 +393,6 @@ def test_a_prompt_with_two_image_placeholders_is_refused(tmp_path):
 
 def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home")}
     env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     return subprocess.run(
@@ -606,7 +605,7 @@ def test_a_target_of_unknown_tokens_only_is_refused_saying_how_many():
 
 
 def test_cli_ctrl_c_exits_130_saying_interrupted(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "canfast.cli", "score", "--out", "run", "--batch-size", "1"],
         cwd=tmp_path,
@@ -707,7 +706,7 @@ def test_cli_score_overwrite_replaces_a_sweep_run_whole(tmp_path):
 
 def start_cli(args: list[str], cwd: Path) -> tuple[subprocess.Popen, bytes]:
     """A CLI run, returned once it is scoring (past every check, holding its lock)."""
-    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-m", "canfast.cli", *args],
         cwd=cwd,

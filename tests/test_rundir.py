@@ -19,7 +19,6 @@ import pytest
 from canfast.errors import BadInput
 from canfast.io import MANIFEST, RunDir, read_manifest, write_json
 
-REPO = Path(__file__).resolve().parents[1]
 
 
 def complete_run(out: Path, files: dict[str, str], overwrite: bool = False) -> Path:
@@ -212,7 +211,7 @@ WRITER = textwrap.dedent(
 
 
 def start_writer(out: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [sys.executable, "-c", WRITER, str(out)],
         stdout=subprocess.PIPE,
