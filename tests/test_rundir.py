@@ -20,7 +20,6 @@ from canfast.errors import BadInput
 from canfast.io import MANIFEST, RunDir, read_manifest, write_json
 
 
-
 def complete_run(out: Path, files: dict[str, str], overwrite: bool = False) -> Path:
     with RunDir(out, overwrite=overwrite) as run:
         for name, text in files.items():
