@@ -479,11 +479,16 @@ def _check_loaded(name: str, hf_model: nn.Module, info: dict, task: str) -> None
 
 
 def quiet_transformers() -> None:
-    """Keep transformers' advisory warnings off the terminal of a command-line run."""
+    """Keep transformers' and the Hub client's advisory warnings off the terminal of a
+    command-line run: a model that cannot be fetched is then one ``canfast: error:`` line, not
+    a retry log before it."""
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
+        import huggingface_hub.utils
         import transformers
 
         transformers.logging.set_verbosity_error()
+        huggingface_hub.utils.logging.set_verbosity_error()
     except ImportError:
         pass

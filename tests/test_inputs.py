@@ -852,3 +852,22 @@ def test_given_targets_that_are_blank_are_refused_from_python_too():
             targets="given",
             progress=False,
         )
+
+
+def test_command_line_runs_keep_the_hub_clients_retry_log_quiet():
+    """A model id that cannot be fetched must be one error line: the Hub client logs each failed
+    request as a warning, which quiet_transformers silences with transformers' own."""
+    import logging
+
+    import huggingface_hub.utils
+
+    from canfast.model import quiet_transformers
+
+    logger = huggingface_hub.utils.logging.get_logger()
+    before = logger.level
+    try:
+        logger.setLevel(logging.WARNING)
+        quiet_transformers()
+        assert logger.getEffectiveLevel() >= logging.ERROR
+    finally:
+        logger.setLevel(before)
