@@ -29,6 +29,8 @@ from canfast.objectives import contrastive, embedding_drift, sentence_embedding
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models  # noqa: E402
+from test_cli import error_line as assert_bad_input  # noqa: E402
+from test_cli import run_cli  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = [
@@ -389,31 +391,6 @@ def test_a_prompt_with_two_image_placeholders_is_refused(tmp_path):
 
 
 # ----- the command line: one line on stderr, exit 2, no traceback, nothing written -----------
-
-
-def run_cli(*args, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env |= {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HOME": str(cwd / "hf-home")}
-    env |= {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.run(
-        [sys.executable, "-m", "canfast.cli", *map(str, args)],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_bad_input(result: subprocess.CompletedProcess, *named: str) -> str:
-    shown = f"exit {result.returncode}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr}"
-    assert result.returncode == 2, shown
-    assert "Traceback" not in result.stderr, shown
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("canfast: error: "), shown
-    for name in named:
-        assert name in lines[0], f"{name!r} not in {lines[0]}"
-    return lines[0]
 
 
 def nothing_written(cwd: Path) -> bool:
