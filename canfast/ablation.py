@@ -127,24 +127,26 @@ class Ablator:
         group), instead of one full forward per site and batch."""
         recorded = self.timeline()
         device = self.model.device
-        plans = [
-            (
-                site,
-                recorded.cut(site.module),
-                recorded.call(site.module),
-                neurons.to(device=device, dtype=torch.long),
-            )
-            for site, neurons in jobs
-        ]
-        totals = [torch.zeros(neurons.shape[0], dtype=torch.float64) for *_, neurons in plans]
-        todo = [i for i, plan in enumerate(plans) if plan[3].shape[0] > 0]
+        # Several jobs may share a site (chunks of its neurons): it is recorded once for them.
+        neurons_of = [neurons.to(device=device, dtype=torch.long) for _, neurons in jobs]
+        totals = [torch.zeros(n.shape[0], dtype=torch.float64) for n in neurons_of]
+        jobs_of: dict[str, list[int]] = {}
+        for i, (site, _) in enumerate(jobs):
+            if neurons_of[i].shape[0] > 0:
+                jobs_of.setdefault(site.name, []).append(i)
+        plans = {
+            name: (jobs[held[0]][0], recorded.cut(jobs[held[0]][0].module))
+            for name, held in jobs_of.items()
+        }
+        todo = list(jobs_of)
         for batch in self.batches:
             start = 0
             while start < len(todo):
                 group = todo[start : start + (self.record_limit or len(todo))]
                 try:
                     with prefix.recording_sites(
-                        [plans[i][1] for i in group], [plans[i][2] for i in group]
+                        [plans[name][1] for name in group],
+                        [recorded.call(plans[name][0].module) for name in group],
                     ) as records:
                         base = self._forward_losses(batch)
                 except (RuntimeError, torch.OutOfMemoryError) as exc:
@@ -156,11 +158,13 @@ class Ablator:
                         torch.cuda.empty_cache()
                     continue
                 base_sum = float(base.sum())
-                for i, record in zip(group, records, strict=True):
-                    site, cut, _, neurons = plans[i]
+                for name, record in zip(group, records, strict=True):
+                    site, cut = plans[name]
                     if record.site_output is None:
                         raise RuntimeError(f"prefix reuse: {site.name} did not run in the forward")
-                    totals[i] += self._blocks(batch, site, cut, record, neurons, bar) - base_sum
+                    for i in jobs_of[name]:
+                        masked = self._blocks(batch, site, cut, record, neurons_of[i], bar)
+                        totals[i] += masked - base_sum
                 del records
                 start += len(group)
         return totals

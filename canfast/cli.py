@@ -262,6 +262,12 @@ SWEEP = OptionGroup(
         help="single: rank for --verify-top by |first-order estimate|, CAN, or both in turn.",
     ),
     option(
+        "--search",
+        is_flag=True,
+        help="Find k1 and k* by galloping (k = 1, 2, 4, ...) and bisection instead of the whole "
+        "curve: far fewer evaluations, assuming the metric rises with k (checked).",
+    ),
+    option(
         "--max-batch-tokens",
         type=click.IntRange(min=1),
         default=1 << 16,
@@ -380,8 +386,13 @@ def _exit_if_failed(done) -> None:
 )
 @SWEEP
 @OUTPUT
+@click.option(
+    "--resume",
+    is_flag=True,
+    help="Go on with the interrupted run in --out (same command): finished work is kept.",
+)
 @AS_JSON
-def sweep(scores_path, as_json, **params):
+def sweep(scores_path, resume, as_json, **params):
     """Mask the top-k CAN neurons progressively until the model collapses.
 
     Writes scores.safetensors and neurons.json (when it scores), the strategy's files
@@ -400,10 +411,15 @@ def sweep(scores_path, as_json, **params):
         scoring,
         SWEEP.take(params),
         **OUTPUT.take(params),
+        resume=resume,
     )
+    if not done.leader:
+        return  # rank 0 of the torchrun job prints
     if as_json:
         click.echo(json.dumps({"out": str(done.out), **done.result.summary_json()}))
         return
+    if done.resumed:
+        click.echo(f"resumed: {done.resumed} finished chunks were read back, not computed")
     click.echo(done.result.summary(done.scores.ranking()))
     _say_ties(done.scores.ranking(), getattr(done.result, "k_star", None))
     click.echo(f"\nwrote {done.out}")
@@ -483,12 +499,16 @@ def main(argv: list[str] | None = None) -> None:
     import warnings
 
     from canfast.errors import BadInput
+    from canfast.pipeline import Interrupted
 
     warnings.showwarning = _show_warning
     try:
         main_group.main(args=argv, prog_name="canfast", standalone_mode=False)
     except BadInput as exc:
         _fail(str(exc))
+    except Interrupted as exc:
+        click.echo(f"canfast: {exc}", err=True)
+        sys.exit(exc.code)
     except _NO_ARGS as exc:
         exc.show()
         sys.exit(2)

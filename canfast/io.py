@@ -152,6 +152,10 @@ class RunDir:
     - Whole: a failure, an interrupt or SIGTERM removes the staging directory and leaves ``out``
       as it was; an earlier complete run is never destroyed by a run that does not complete.
     - ``amend=True`` starts from a copy of the existing run's files (to add a report to it).
+    - ``resumable=True`` stages in ``.NAME.partial`` beside ``out``, whose ``chunks/`` fill as
+      work finishes (:mod:`canfast.work`). A run that does not complete keeps it when it holds
+      finished chunks; ``resume=True`` takes it up again, after :meth:`pin` has checked that the
+      new command computes the same numbers. ``commit`` drops the chunks.
     """
 
     def __init__(
@@ -160,9 +164,16 @@ class RunDir:
         overwrite: bool = False,
         amend: bool = False,
         command: str | None = None,
+        resumable: bool = False,
+        resume: bool = False,
     ) -> None:
         self.path = Path(path).expanduser().absolute()
         self.overwrite = overwrite or amend
+        self.resumable = resumable or resume
+        self.resume = resume
+        self.resumed = 0  # finished chunks found in the partial run taken up again
+        self.kept: Path | None = None  # the partial run left for --resume, after close()
+        self.pinned: dict = {}
         self.amend = amend
         self.command = command
         self.stage: Path | None = None
@@ -282,7 +293,15 @@ class RunDir:
                 f"{', ...' if len(foreign) > 1 else ''}); refusing to replace it"
             )
 
+    @property
+    def chunks(self) -> Path:
+        """Where the run's finished chunks go (in the staging directory)."""
+        return self.file(CHUNKS)
+
     def _make_stage(self) -> None:
+        if self.resumable:
+            self._make_partial()
+            return
         stage = self._sibling("staging", os.getpid())
         shutil.rmtree(stage, ignore_errors=True)
         try:
@@ -298,6 +317,47 @@ class RunDir:
                     shutil.copytree(item, stage / item.name, copy_function=_link_or_copy)
                 elif item.name != MANIFEST:
                     _link_or_copy(item, stage / item.name)
+
+    def _make_partial(self) -> None:
+        partial = partial_path(self.path)
+        done = _chunk_count(partial)
+        if self.resume and not partial.is_dir():
+            if read_manifest_quiet(self.path).get("complete"):
+                raise BadInput(
+                    f"{self.path} is a complete run: nothing to resume (--overwrite runs it again)"
+                )
+        elif not self.resume and partial.is_dir() and done:
+            if not self.overwrite:
+                raise BadInput(
+                    f"{self.path} has an unfinished run ({done} chunks done in {partial}); add "
+                    "--resume to go on with it, or --overwrite to start again"
+                )
+            shutil.rmtree(partial)
+        elif not self.resume:
+            shutil.rmtree(partial, ignore_errors=True)
+        try:
+            partial.mkdir(exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"cannot write output {self.path}: {exc.strerror or exc}") from None
+        self.stage = partial
+        self.resumed = done if self.resume else 0
+        if self.resume and (partial / MANIFEST).is_file():
+            self.pinned = read_json(partial / MANIFEST).get("run", {})
+
+    def pin(self, record: dict) -> None:
+        """Record what fixes the run's numbers (model and data fingerprints, options) in the
+        partial run's manifest. Resuming, refuse a command that differs in any of them."""
+        if not self.resumable or self.stage is None:
+            return
+        for key, value in record.items():
+            if key in self.pinned and self.pinned[key] != value:
+                raise BadInput(
+                    f"--resume: {self.path} was started with {key} = {self.pinned[key]!r}, and "
+                    f"this command has {value!r}; use the first command's options, or "
+                    "--overwrite to start again"
+                )
+        self.pinned.update(record)
+        write_json(self.stage / MANIFEST, {"complete": False, "run": self.pinned})
 
     def _trap_sigterm(self) -> None:
         # SIGTERM ends Python without unwinding; turned into SystemExit, it runs the cleanup.
@@ -340,6 +400,10 @@ class RunDir:
         }
         if failed is not None:
             manifest["failed"] = failed
+        if self.pinned:
+            manifest["run"] = self.pinned
+        shutil.rmtree(self.stage / CHUNKS, ignore_errors=True)
+        manifest["files"] = [f for f in manifest["files"] if not f.startswith(f"{CHUNKS}/")]
         write_json(self.stage / MANIFEST, manifest)
         old = self._sibling("old", os.getpid())
         if self.path.exists():
@@ -353,7 +417,10 @@ class RunDir:
     def close(self) -> None:
         """Drop what was staged (unless committed) and release the lock."""
         if self.stage is not None:
-            shutil.rmtree(self.stage, ignore_errors=True)
+            if self.resumable and _chunk_count(self.stage):
+                self.kept = self.stage  # finished work, for --resume
+            else:
+                shutil.rmtree(self.stage, ignore_errors=True)
             self.stage = None
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
@@ -380,6 +447,27 @@ class RunDir:
                 self.commit()
         finally:
             self.close()
+
+
+CHUNKS = "chunks"
+
+
+def partial_path(out: str | Path) -> Path:
+    """Where a resumable run into ``out`` keeps its work until it completes."""
+    out = Path(out).expanduser().absolute()
+    return out.parent / f".{out.name}.partial"
+
+
+def _chunk_count(partial: Path) -> int:
+    chunks = partial / CHUNKS
+    return sum(1 for _ in chunks.glob("*.safetensors")) if chunks.is_dir() else 0
+
+
+def read_manifest_quiet(path: Path) -> dict:
+    try:
+        return read_manifest(path) or {}
+    except BadInput:
+        return {}
 
 
 def _link_or_copy(source, target) -> None:

@@ -33,12 +33,18 @@ from canfast.model import IGNORE, Model
 from canfast.objective import Objective, with_targets
 from canfast.score import Scores, check_alpha, data_fingerprint, score
 from canfast.sites import NeuronSet
+from canfast.work import Work, content_key
 
 SCREENS = ("estimate", "can", "both")
 SCAN_FILE = "scan.safetensors"
 SUMMARY_FILE = "scan.json"
 FIELDS = ("delta", "estimate", "can")
 DEFAULT_MAX_BATCH_TOKENS = 1 << 16
+# Neurons per chunk of work: small enough that a killed scan loses little and that ranks share
+# evenly, large enough that a chunk's own cost (its file) is nothing beside its ablations.
+CHUNK_NEURONS = 256
+# Neurons per round of chunks that share one record pass per data batch.
+ROUND_NEURONS = 4096
 
 
 @dataclass
@@ -294,6 +300,22 @@ def _summary(scan: Scan, site_info: dict[str, tuple[str, str]], top: int = 20) -
     }
 
 
+def _pieces(items: list[int], size: int) -> list[list[int]]:
+    return [items[start : start + size] for start in range(0, len(items), size)]
+
+
+def _rounds(indices: list[int], sizes: list[int], budget: int) -> list[list[int]]:
+    """Consecutive runs of ``indices`` whose sizes add up to at most ``budget`` (at least one
+    index each)."""
+    rounds: list[list[int]] = []
+    for i in indices:
+        if rounds and sum(sizes[j] for j in rounds[-1]) + sizes[i] <= budget:
+            rounds[-1].append(i)
+        else:
+            rounds.append([i])
+    return rounds
+
+
 # ----- screening ------------------------------------------------------------------------------
 
 
@@ -374,6 +396,7 @@ def scan(
     seed: int = 0,
     can: Scores | None = None,
     progress: bool = True,
+    work: Work | None = None,
 ) -> Scan:
     """The exact effect of removing each neuron of ``sites`` alone, next to its first-order
     estimate and CAN score.
@@ -385,6 +408,8 @@ def scan(
       ``max_batch_tokens`` tokens; an out-of-memory error halves the block.
     - ``can``: CAN scores already computed on these samples and targets (a sweep's ranking);
       scored here when absent.
+    - ``work``: where the chunks of exact ablations (up to ``CHUNK_NEURONS`` neurons of one
+      site each) are kept and shared across ranks (:class:`canfast.work.Work`).
     """
     alpha = check_alpha(alpha)
     if screen not in SCREENS:
@@ -471,25 +496,36 @@ def scan(
     clock = time.perf_counter()
     ablator = Ablator(model, encoded, objective, backend, max_batch_tokens, progress)
     flat_delta = torch.full((total_neurons,), math.nan, dtype=torch.float64)
-    # Counted in neuron-batches and shown in neurons, so the ETA moves within a site.
-    bar = tqdm(
-        total=len(exact) * len(encoded),
-        desc="scan",
-        unit="neuron",
-        unit_scale=1 / len(encoded),
-        disable=not progress,
-    )
-    try:
-        # One record pass per data batch serves every site (see Ablator.sites_totals).
-        jobs = [
-            (site, torch.tensor(per_site[site.name])) for site in chosen if site.name in per_site
-        ]
-        for (site, wanted_channels), totals in zip(
-            jobs, ablator.sites_totals(jobs, bar), strict=True
-        ):
-            flat_delta[wanted_channels + offsets[site.name]] = totals / normalizer
-    finally:
-        bar.close()
+    chunks = [
+        (site, torch.tensor(part))
+        for site in chosen
+        for part in _pieces(per_site.get(site.name, []), CHUNK_NEURONS)
+    ]
+    work = work or Work()
+    keys = [content_key(f"scan-{site.name}", neurons.tolist()) for site, neurons in chunks]
+    sizes = [int(neurons.numel()) for _, neurons in chunks]
+
+    def compute(indices: list[int]):
+        job = work.job
+        # Counted in neuron-batches and shown in neurons, so the ETA moves within a site.
+        bar = tqdm(
+            total=sum(sizes[i] for i in indices) * len(encoded),
+            desc="scan" + (f" (rank {job.rank} of {job.world})" if job.distributed else ""),
+            unit="neuron",
+            unit_scale=1 / len(encoded),
+            disable=not progress,
+            position=job.rank,
+        )
+        try:
+            # A round's sites share one record pass per data batch (Ablator.sites_totals).
+            for round_ in _rounds(indices, sizes, ROUND_NEURONS):
+                totals = ablator.sites_totals([chunks[i] for i in round_], bar)
+                yield from zip(round_, totals, strict=True)
+        finally:
+            bar.close()
+
+    for (site, wanted), totals in zip(chunks, work.map(keys, sizes, compute), strict=True):
+        flat_delta[wanted + offsets[site.name]] = totals / normalizer
     timings["exact_s"] = time.perf_counter() - clock
     timings["total_s"] = time.perf_counter() - started
 

@@ -19,18 +19,20 @@ import re
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from canfast import distributed
 from canfast.data import Sample, load_data
 from canfast.errors import BadInput
-from canfast.io import RunDir
+from canfast.io import CHUNKS, RunDir, partial_path
 from canfast.model import Model, load, quiet_transformers
 from canfast.objective import Objective, with_targets
-from canfast.score import Scores, check_alpha, score
+from canfast.score import Scores, check_alpha, data_fingerprint, score
 from canfast.sites import NeuronSet, Site
 from canfast.sweep import StrategyResult, SweepConfig, SweepJob, sweep_by
 from canfast.timing import Timings
+from canfast.work import Work
 
 DEFAULT_MODEL = "builtin:tiny-llava"
 DEFAULT_DATA = "builtin:shapes"
@@ -140,13 +142,24 @@ class ScoreConfig:
 @dataclass
 class RunOutcome:
     """What :func:`run` did: the run directory, the scores, the strategy's result (None for a
-    scoring run) and every file written."""
+    scoring run) and every file written. ``leader`` is False on the ranks of a torchrun job that
+    computed their share and wrote nothing."""
 
     out: Path
     scores: Scores
     result: StrategyResult | None = None
     files: list[Path] = field(default_factory=list)
     failed: str | None = None
+    leader: bool = True
+    resumed: int = 0
+
+
+class Interrupted(Exception):
+    """A run stopped by a signal, its finished work kept for ``--resume``."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 def run(
@@ -158,38 +171,151 @@ def run(
     out: str | Path | None = None,
     overwrite: bool = False,
     report: bool = True,
+    resume: bool = False,
 ) -> RunOutcome:
     """Score (or read the scores), sweep when ``sweep`` is given, and write the run directory.
 
     Writes ``scores.safetensors`` and ``neurons.json`` (unless the scores were read), the
     strategy's own files, and ``report.html`` when the strategy has one. ``out`` defaults to
     ``runs/<score|sweep>-MODEL-TIME``; an existing non-empty one needs ``overwrite``.
+
+    A sweep keeps each finished chunk of its work as it goes: after a kill, ``resume=True`` with
+    the same arguments skips what was done and writes the files an uninterrupted run would have.
+    Started by ``torchrun``, every rank calls ``run`` alike: the ranks share the chunks, and rank
+    0 writes the files.
     """
     data, sites = data or DataConfig(), sites or SiteConfig()
     scoring = scoring or ScoreConfig()
     check_alpha(scoring.alpha)
     strategy = sweep.check() if sweep is not None else None
+    if resume and sweep is None:
+        raise BadInput("--resume applies to sweeps and scans")
     name = model.name if isinstance(model, Model | ModelConfig) else str(model)
+    device = model.device if isinstance(model, ModelConfig) else None
+    job = distributed.join(device)
+    if job.distributed and out is None:
+        raise BadInput("a torchrun job needs --out: every rank must name the same run")
     out = Path(out) if out is not None else default_out("sweep" if sweep else "score", name)
-    # Checked and locked before any work; filled in a staging directory; swapped in whole.
-    with RunDir(out, overwrite, command="sweep" if sweep else "score") as run_dir:
-        return _run(run_dir, model, data, sites, scoring, sweep, strategy, report)
+    if isinstance(model, ModelConfig) and job.distributed:
+        model = replace(model, device=distributed.rank_device(model.device, job))
+    command = "sweep" if sweep else "score"
+    # Checked and locked before any work, by rank 0 for the job; filled in a staging directory
+    # (for a sweep, the partial run that --resume takes up); swapped in whole.
+    run_dir = RunDir(out, overwrite, command=command, resumable=sweep is not None, resume=resume)
+    problem = None
+    if job.leader:
+        try:
+            run_dir.open()
+        except BadInput as exc:
+            problem = exc
+    if not distributed.all_agree(problem is None, job):
+        if problem is not None:
+            raise problem
+        raise SystemExit(2)  # rank 0 said why
+    try:
+        work = _work(run_dir, out, sweep, job)
+        done = _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, report)
+        done.resumed = run_dir.resumed
+        return done
+    except KeyboardInterrupt:
+        raise Interrupted(_stopped(run_dir, "interrupted"), 130) from None
+    except SystemExit as exc:
+        if exc.code == 143:
+            raise Interrupted(_stopped(run_dir, "terminated"), 143) from None
+        raise
+    finally:
+        run_dir.close() if job.leader else None
+        distributed.leave()
 
 
-def _run(run_dir, model, data, sites, scoring, sweep, strategy, report) -> RunOutcome:
+def _work(run_dir: RunDir, out: Path, sweep, job) -> Work:
+    if sweep is None:
+        return Work(job=job)
+    return Work(run_dir.chunks if job.leader else partial_path(out) / CHUNKS, job)
+
+
+def _stopped(run_dir: RunDir, how: str) -> str:
+    """What an interrupted run says: where its finished work is, and how to go on."""
+    run_dir.close()
+    if run_dir.kept is None:
+        return f"{how}; nothing was finished, and {run_dir.path} is as it was"
+    return (
+        f"{how}; the finished work is kept in {run_dir.kept}: run the same command with "
+        "--resume to go on"
+    )
+
+
+def _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, report) -> RunOutcome:
+    run_dir.pin(_options(model, data, sites, scoring, sweep))
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
     # A Model passed in keeps its own setting once the run is over.
     kept, loaded.score_eos = loaded.score_eos, data.score_eos
     try:
-        scores, result = _compute(loaded, samples, data, sites, scoring, sweep, strategy)
+        scores, result = _compute(
+            run_dir, work, job, loaded, samples, data, sites, scoring, sweep, strategy
+        )
     finally:
         loaded.score_eos = kept
+    if not job.leader:
+        return RunOutcome(run_dir.path, scores, result, leader=False)
     shown = strategy if report else None
     return _write_run(run_dir, scores, scoring.path is None, result, shown)
 
 
-def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
+def _options(model, data, sites, scoring, sweep) -> dict:
+    """Every option that changes a number of the run, as the manifest pins it."""
+    import torch
+
+    from canfast import __version__
+
+    config = asdict(model) if isinstance(model, ModelConfig) else {"name": model.name}
+    for ignored in ("quiet", "device_map"):
+        config.pop(ignored, None)
+    return {
+        "canfast_version": __version__,
+        "torch_version": torch.__version__,
+        "model": config,
+        "data": {
+            "source": data.source if isinstance(data.source, str) else "samples",
+            **{k: getattr(data, k) for k in ("prompt", "limit", "targets", "max_new_tokens")},
+            **{k: getattr(data, k) for k in ("batch_size", "score_eos")},
+        },
+        "sites": asdict(sites) | {k: list(v) for k, v in asdict(sites).items() if k != "unit"},
+        "scoring": {
+            "alpha": scoring.alpha,
+            "backend": scoring.backend,
+            "objective": None
+            if scoring.objective is None
+            else getattr(scoring.objective, "__name__", "custom"),
+            "scores": None if scoring.path is None else str(scoring.path),
+        },
+        "sweep": None if sweep is None else _jsonable(asdict(sweep)),
+    }
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _fixed(run_dir: RunDir, job, record: dict) -> None:
+    """Pin what the run computes on, and make sure every rank computes on the same."""
+    import json
+
+    if not distributed.same_everywhere(json.dumps(record, sort_keys=True), job):
+        raise RuntimeError(
+            "the ranks of this job disagree on " + ", ".join(record) + " (non-deterministic "
+            "targets or scores?); run it in one process"
+        )
+    if job.leader:
+        run_dir.pin(record)
+
+
+def _compute(run_dir, work, job, loaded, samples, data, sites, scoring, sweep, strategy):
     """The scores (read or computed) and the strategy's result (None without a sweep)."""
     chosen = [s.name for s in sites.select(loaded)]
     scores = read_scores(scoring.path, loaded) if scoring.path is not None else None
@@ -209,10 +335,25 @@ def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
                 data.batch_size,
                 scoring.objective,
             )
+        _fixed(
+            run_dir,
+            job,
+            {
+                "model_fingerprint": loaded.fingerprint(),
+                "data_fingerprint": data_fingerprint(samples),
+                "selected_sites": chosen,
+            },
+        )
+        staged = work.journal.parent / SCORES_FILE if work.journal is not None else None
+        if scores is None and staged is not None and staged.is_file():
+            scores = read_scores(staged, loaded)  # scored before the run was interrupted
         if scores is None:
             scores = _score(loaded, samples, sites, scoring, data, chosen, "given")
             scores.meta["targets"] = data.targets
-        job = SweepJob(
+            if job.leader and staged is not None:
+                scores.save(staged)
+        _fixed(run_dir, job, {"scores_fingerprint": scores_fingerprint(scores)})
+        sweep_job = SweepJob(
             loaded,
             samples,
             scores,
@@ -225,10 +366,11 @@ def _compute(loaded, samples, data, sites, scoring, sweep, strategy):
             backend=scoring.backend,
             progress=scoring.progress,
             timings=timings,
+            work=work,
         )
-        result = strategy.run(job)
+        result = strategy.run(sweep_job)
         if sweep.by:
-            result.info["by"] = {grouping: sweep_by(grouping, job) for grouping in sweep.by}
+            result.info["by"] = {g: sweep_by(g, sweep_job) for g in sweep.by}
     return scores, result
 
 
@@ -260,7 +402,8 @@ def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
     stage = run_dir.stage
     done = RunOutcome(run_dir.path, scores, result)
     if write_scores:
-        scores.save(stage / SCORES_FILE)
+        if not (stage / SCORES_FILE).is_file():  # a sweep keeps its scores as it goes
+            scores.save(stage / SCORES_FILE)
         done.files.append(SCORES_FILE)
         write_json(stage / NEURONS_FILE, neuron_records(scores.ranking()))
         done.files.append(NEURONS_FILE)
@@ -277,6 +420,17 @@ def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
     run_dir.commit(failed=done.failed)
     done.files = [run_dir.path / name for name in done.files]
     return done
+
+
+def scores_fingerprint(scores: Scores) -> str:
+    """A digest of the scores' values, site by site, as they are saved (float32)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for site, values in scores.values.items():
+        digest.update(site.encode())
+        digest.update(values.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ----- run directories -----------------------------------------------------------------------

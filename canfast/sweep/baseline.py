@@ -1,13 +1,11 @@
-"""The random baseline: neuron sets of the same size drawn from the same sites."""
+"""The random baseline: orderings of the same sites' neurons, one per seed, whose top-k are
+neuron sets of the same size as the ranking's."""
 
 from __future__ import annotations
 
 import torch
 
 from canfast.sites import NeuronSet
-from canfast.sweep.evaluator import Evaluator
-from canfast.sweep.result import Curve
-from canfast.sweep.trace import trace
 
 
 def random_ordering(site_channels: dict[str, int], seed: int) -> NeuronSet:
@@ -17,21 +15,3 @@ def random_ordering(site_channels: dict[str, int], seed: int) -> NeuronSet:
     channel = torch.cat([torch.arange(site_channels[n]) for n in names])
     order = torch.randperm(owner.numel(), generator=torch.Generator().manual_seed(seed))
     return NeuronSet(tuple((names[owner[i]], int(channel[i])) for i in order.tolist()))
-
-
-def random_curves(
-    evaluator: Evaluator,
-    site_channels: dict[str, int],
-    ks: list[int],
-    ppl0: float,
-    tau: float,
-    onset: float,
-    seeds: int,
-) -> list[Curve]:
-    """The collapse curve of one random ordering per seed, seeds 0 .. seeds - 1."""
-    curves = []
-    for seed in range(seeds):
-        curve = trace(evaluator, random_ordering(site_channels, seed), ks, ppl0, tau, onset)
-        curve.seed = seed
-        curves.append(curve)
-    return curves

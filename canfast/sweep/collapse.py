@@ -7,10 +7,10 @@ import math
 
 from canfast.errors import warn
 from canfast.sites import NeuronSet
-from canfast.sweep.baseline import random_curves
+from canfast.sweep.baseline import random_ordering
 from canfast.sweep.result import Curve, SweepResult
 from canfast.sweep.strategy import SweepJob
-from canfast.sweep.trace import trace
+from canfast.sweep.trace import Plan, falls, grid_plan, search_plan, trace_all
 
 
 def collapse_sweep(job: SweepJob, ranked: bool) -> SweepResult:
@@ -24,14 +24,22 @@ def collapse_sweep(job: SweepJob, ranked: bool) -> SweepResult:
     try:
         with timings.measure("base"):
             ppl0 = evaluator([NeuronSet(())])[0]
-        curve = Curve()
+        # The ranking and every random seed are traced side by side: each round hands the
+        # next step of each to the evaluator at once, which the ranks of a job share.
+        orderings, plans = [], []
         if ranked:
             order = job.order
-            with timings.measure("progressive"):
-                ks = [k for k in job.ks if k <= len(order)]
-                curve = trace(evaluator, order, ks, ppl0, tau, config.onset)
-        with timings.measure("random"):
-            baseline = random_curves(evaluator, pool, job.ks, ppl0, tau, config.onset, config.seeds)
+            orderings.append(order)
+            plans.append(_plan(job, [k for k in job.ks if k <= len(order)], len(order), ppl0))
+        for seed in range(config.seeds):
+            orderings.append(random_ordering(pool, seed))
+            plans.append(_plan(job, job.ks, n_neurons, ppl0))
+        with timings.measure("curves"):
+            curves = trace_all(evaluator, orderings, plans)
+        curve = curves.pop(0) if ranked else Curve()
+        baseline = curves
+        for seed, random_curve in enumerate(baseline):
+            random_curve.seed = seed
         collapsed = curve.k_star is not None or any(c.k_star is not None for c in baseline)
         if not collapsed:
             with timings.measure("fully_masked"):
@@ -60,9 +68,41 @@ def collapse_sweep(job: SweepJob, ranked: bool) -> SweepResult:
         "masked_evaluations": evaluator.calls,
     }
     result.criterion = config.criterion
+    if config.search:
+        result.info["search"] = _search_record(curve if ranked else None, baseline)
     if fully_masked is not None:
         result.info["fully_masked"] = _unreachable(fully_masked, ppl0, tau, n_neurons, config)
     return result
+
+
+def _plan(job: SweepJob, ks: list[int], n: int, ppl0: float) -> Plan:
+    config = job.config
+    tau, per_pass = config.log10_tau(), job.config.masks_per_pass
+    if config.search:
+        return search_plan(n, ppl0, tau, config.onset, per_pass)
+    return grid_plan(ks, ppl0, tau, config.onset, per_pass)
+
+
+def _search_record(ranked: Curve | None, baseline: list[Curve]) -> dict:
+    """What ``--search`` evaluated, and every point where the curve fell as k grew: there the
+    assumption behind the search fails, and k1 or k* may not be the first k that reaches it."""
+    named = ([("ranking", ranked)] if ranked is not None else []) + [
+        (f"seed {c.seed}", c) for c in baseline
+    ]
+    orderings = {name: {"evaluated": len(c.k), "falls": falls(c)} for name, c in named}
+    record = {
+        "method": "k = 1, 2, 4, ... until collapse, then bisection of each stage",
+        "evaluations": sum(len(c.k) for _, c in named),
+        "monotone": not any(o["falls"] for o in orderings.values()),
+        "orderings": orderings,
+    }
+    if not record["monotone"]:
+        bad = next(name for name, o in orderings.items() if o["falls"])
+        warn(
+            f"--search: the metric of the {bad} ordering falls as k grows (see sweep.json "
+            "search.orderings); k1 and k* are first k's found under that assumption"
+        )
+    return record
 
 
 def _unreachable(ppl: float, ppl0: float, tau: float, n_neurons: int, config) -> dict:

@@ -2,20 +2,25 @@
 
 For the teacher-forced metric, ``masks_per_pass`` sets share one forward: the batch is stacked
 once per set and each block gets its own mask (``masked_linear`` with ``[M, C]`` masks), which
-keeps small models busy and large ones from re-reading their inputs.
+keeps small models busy and large ones from re-reading their inputs. Each such group is one
+chunk of :class:`~canfast.work.Work`: kept as it finishes, and dealt to the ranks of a torchrun
+job.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from tqdm.auto import tqdm
 
 from canfast.data import Sample
 from canfast.mask import masked
 from canfast.model import Model
 from canfast.objective import Objective, evaluate, generate_answers
+from canfast.score import data_fingerprint
 from canfast.sites import NeuronSet
+from canfast.work import Work, content_key
 
 METRICS = ("ppl", "gen-ppl")
 
@@ -39,6 +44,7 @@ class Evaluator:
         objective: Objective | None = None,
         backend: str = "auto",
         progress: bool = True,
+        work: Work | None = None,
     ) -> None:
         self.model = model
         self.samples = list(samples)
@@ -48,21 +54,50 @@ class Evaluator:
         self.max_new_tokens = max_new_tokens
         self.objective = objective
         self.backend = backend
+        self.work = work or Work()
         self.calls = 0
-        self.bar = tqdm(desc="masked evaluations", unit="mask", disable=not progress)
+        # A group's result depends on the samples it was measured on, and on nothing else that
+        # the run's manifest does not already pin.
+        self._data = data_fingerprint(self.samples)
+        job = self.work.job
+        desc = "masked evaluations" + (
+            f" (rank {job.rank} of {job.world})" if job.distributed else ""
+        )
+        self.bar = tqdm(desc=desc, unit="mask", disable=not progress, position=job.rank)
 
     def close(self) -> None:
         self.bar.close()
 
     def __call__(self, sets: Sequence[NeuronSet]) -> list[float]:
-        values: list[float] = []
+        """The metric of each set, ``masks_per_pass`` sets per forward pass."""
         step = self.masks_per_pass
-        for start in range(0, len(sets), step):
-            group = list(sets[start : start + step])
-            values += self._ppl(group) if self.metric == "ppl" else [self._gen_ppl(group[0])]
-            self.bar.update(len(group))
-        self.calls += len(sets)
-        return values
+        groups = [list(sets[start : start + step]) for start in range(0, len(sets), step)]
+        return [value for values in self.groups(groups) for value in values]
+
+    def groups(self, groups: Sequence[Sequence[NeuronSet]]) -> list[list[float]]:
+        """The metric of each set of each group, one forward pass per group. Groups may come
+        from several orderings at once: the more groups per call, the more ranks can share."""
+        keys = [
+            content_key("eval", self.metric, self._data, [n.neurons for n in group])
+            for group in groups
+        ]
+        # The same group asked twice in one call (two orderings that agree on a prefix) runs
+        # once.
+        first = {key: i for i, key in reversed(list(enumerate(keys)))}
+        unique = sorted(first.values())
+        sizes = [len(groups[i]) for i in unique]
+
+        def compute(indices: list[int]):
+            for j in indices:
+                group = list(groups[unique[j]])
+                values = self._ppl(group) if self.metric == "ppl" else [self._gen_ppl(group[0])]
+                self.bar.update(len(group))
+                yield j, torch.tensor(values, dtype=torch.float64)
+
+        results = self.work.map([keys[i] for i in unique], sizes, compute)
+        by_key = {keys[i]: r.tolist() for i, r in zip(unique, results, strict=True)}
+        self.calls += sum(len(group) for group in groups)
+        return [by_key[key] for key in keys]
 
     def _ppl(self, group: list[NeuronSet]) -> list[float]:
         with masked(self.model, group, backend=self.backend):

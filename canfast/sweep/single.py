@@ -40,6 +40,7 @@ def single(job: SweepJob) -> Scan:
         max_new_tokens=job.max_new_tokens,
         can=job.ranking,
         progress=job.progress,
+        work=job.work,
     )
     # The samples came with their targets; say where those came from.
     result.meta["targets"] = job.targets

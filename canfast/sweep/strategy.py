@@ -27,6 +27,7 @@ from canfast.sites import NeuronSet
 from canfast.sweep.evaluator import METRICS, Evaluator
 from canfast.sweep.schedule import default_schedule, parse_schedule
 from canfast.timing import Timings
+from canfast.work import Work
 
 CRITERIA = ("ratio", "delta")
 
@@ -47,6 +48,8 @@ class SweepConfig:
     - ``masks_per_pass``: neuron sets evaluated in one forward pass.
     - ``generations``: samples answered at k = 0, k1 and k*.
     - ``by``: groupings (component, kind, category) swept on their own as well.
+    - ``search``: find k1 and k* by galloping and bisection instead of tracing the whole grid
+      (far fewer evaluations; the curve holds only the points it evaluated).
     - ``verify_top``, ``calibrate``, ``screen``, ``max_batch_tokens``: the ``single`` scan's
       screening and block budget (see :func:`canfast.neuron_scan.scan`).
     """
@@ -65,6 +68,7 @@ class SweepConfig:
     screen: str = "estimate"
     max_batch_tokens: int = 1 << 16
     criterion: str = "ratio"
+    search: bool = False
 
     def check(self) -> Strategy:
         """Refuse bad options before any work; return the strategy of ``kind``."""
@@ -82,6 +86,10 @@ class SweepConfig:
         for grouping in self.by:
             if grouping not in GROUPINGS:
                 raise BadInput(f"unknown --by {grouping!r}; choose {', '.join(GROUPINGS)}")
+        if self.search and not chosen.groups:
+            raise BadInput(f"--search is not available for --sweep-kind {self.kind}")
+        if self.search and self.schedule is not None:
+            raise BadInput("--search chooses its own k values; drop --schedule")
         if self.by and not chosen.groups:
             raise BadInput(f"--by is not available for --sweep-kind {self.kind}")
         return chosen
@@ -126,6 +134,7 @@ class SweepJob:
     backend: str = "auto"
     progress: bool = True
     timings: Timings = field(default_factory=Timings)
+    work: Work = field(default_factory=Work)
 
     @property
     def order(self) -> NeuronSet:
@@ -147,6 +156,7 @@ class SweepJob:
             self.objective,
             self.backend,
             self.progress,
+            self.work,
         )
 
 
