@@ -77,6 +77,24 @@ def rank_device(device: str | None, job: Job) -> str | None:
     return device
 
 
+def rank_max_memory() -> dict | None:
+    """Under a launcher on CUDA, the memory a ``device_map="auto"`` model of this rank may use:
+    its own contiguous share of the node's GPUs (and the CPU), so that the ranks of a node do
+    not all fill GPU 0. None outside a launcher or without CUDA."""
+    if not launched() or not torch.cuda.is_available():
+        return None
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    rank = int(os.environ.get("LOCAL_RANK", "0"))
+    per_rank = max(1, torch.cuda.device_count() // max(local, 1))
+    first = rank * per_rank
+    gpus = range(first, min(first + per_rank, torch.cuda.device_count()))
+    share: dict = {i: torch.cuda.get_device_properties(i).total_memory for i in gpus}
+    import psutil  # accelerate's own dependency
+
+    share["cpu"] = psutil.virtual_memory().available // max(local, 1)
+    return share
+
+
 def _exchange_device() -> torch.device:
     """Where collective buffers live: nccl only moves CUDA tensors."""
     if dist.get_backend() == "nccl":

@@ -277,6 +277,11 @@ class RunDir:
 
     def _check_contents(self) -> None:
         path = self.path
+        if self.resume and not partial_path(path).is_dir():
+            if read_manifest_quiet(path).get("complete"):
+                raise BadInput(
+                    f"{path} is a complete run: nothing to resume (--overwrite runs it again)"
+                )
         if not path.is_dir():
             return
         present = [p for p in path.iterdir()]
@@ -321,12 +326,7 @@ class RunDir:
     def _make_partial(self) -> None:
         partial = partial_path(self.path)
         done = _chunk_count(partial)
-        if self.resume and not partial.is_dir():
-            if read_manifest_quiet(self.path).get("complete"):
-                raise BadInput(
-                    f"{self.path} is a complete run: nothing to resume (--overwrite runs it again)"
-                )
-        elif not self.resume and partial.is_dir() and done:
+        if not self.resume and partial.is_dir() and done:
             if not self.overwrite:
                 raise BadInput(
                     f"{self.path} has an unfinished run ({done} chunks done in {partial}); add "

@@ -424,7 +424,18 @@ def _load_pretrained(
     if dtype is not None:
         kwargs["dtype"] = dtype
     if device_map is not None:
+        try:
+            import accelerate  # noqa: F401
+        except ImportError:
+            raise BadInput(
+                "--device-map needs the accelerate package: pip install accelerate"
+            ) from None
         kwargs["device_map"] = device_map
+        from canfast.distributed import rank_max_memory
+
+        share = rank_max_memory()
+        if share is not None:
+            kwargs["max_memory"] = share
     try:
         hf_model, info = auto_model.from_pretrained(name, **kwargs)
     except SafetensorError as exc:

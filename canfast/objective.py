@@ -11,7 +11,8 @@ mix two sets.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -79,19 +80,34 @@ def evaluate(
     :func:`canfast.masked`; one :class:`Evaluation` per mask comes back. A custom ``objective``
     is then called once per mask with the unstacked batch and that mask's rows of the outputs.
     """
+    encoded = (model.encode(chunk).to(model.device) for chunk in batches(samples, batch_size))
+    return evaluate_batches(model, encoded, objective, masks)
+
+
+@torch.no_grad()
+def evaluate_batches(
+    model: Model,
+    encoded: Iterable[Batch],
+    objective: Objective | None = None,
+    masks: int = 1,
+    around: Callable[[int, int], AbstractContextManager] | None = None,
+) -> list[Evaluation]:
+    """:func:`evaluate` over batches already encoded. ``around(i, masks)`` gives a context that
+    the forward pass of batch ``i`` runs in (a sweep's prefix replay)."""
     nll = torch.zeros(masks, dtype=torch.float64)
     tokens = torch.zeros(masks, dtype=torch.long)
-    for chunk in batches(samples, batch_size):
-        batch = model.encode(chunk).to(model.device)
+    for index, batch in enumerate(encoded):
         stacked = batch.repeat(masks)
+        context = around(index, masks) if around is not None else nullcontext()
         if objective is None:
             # The vocabulary projection runs at target positions only.
-            with target_only(model, stacked.labels) as head:
+            with context, target_only(model, stacked.labels) as head:
                 outputs = model.hf(**model_inputs(model, stacked), use_cache=False)
             total = target_losses(outputs.logits, stacked.labels, head.compact)
             count = (stacked.labels != IGNORE).sum(dim=1)
         else:
-            outputs = model.forward(stacked)
+            with context:
+                outputs = model.forward(stacked)
             total = torch.cat(
                 [
                     objective(block_outputs(outputs, i, masks, batch.size), batch).float()

@@ -288,10 +288,13 @@ def recording_sites(cuts: list[list[Call]], sites: list[Call]) -> Iterator[list[
 
 
 @contextmanager
-def replaying(cut: list[Call], record: Record, variants: Tensor, times: int) -> Iterator[None]:
+def replaying(
+    cut: list[Call], record: Record, variants: Tensor | None, times: int
+) -> Iterator[None]:
     """Inside the block, a forward on the input batch tiled ``times`` times skips every cut
     module (it returns its recorded output, tiled) and the site (or the enclosing module that
-    returns its output) returns ``variants``."""
+    returns its output) returns ``variants``. Without ``variants`` the site and everything
+    after it run live (a sweep's masks act there)."""
     installed: list[tuple[nn.Module, object]] = []
 
     def install(module: nn.Module, forward) -> None:
@@ -328,12 +331,13 @@ def replaying(cut: list[Call], record: Record, variants: Tensor, times: int) -> 
             )
         return variants
 
-    if record.target is None:
+    if variants is not None and record.target is None:
         raise RuntimeError("prefix reuse: the site did not run in the record pass")
     try:
         for call in cut:
             install(call.module, tiled_forward(call))
-        install(record.target, site_forward)
+        if variants is not None:
+            install(record.target, site_forward)
         yield
     finally:
         for module, previous in reversed(installed):

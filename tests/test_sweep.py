@@ -18,7 +18,7 @@ from canfast.objective import evaluate
 from canfast.sweep.baseline import random_ordering
 from canfast.sweep.result import Curve
 from canfast.sweep.schedule import default_schedule, parse_schedule
-from canfast.sweep.trace import trace
+from canfast.sweep.trace import falls, search_plan, trace, trace_all
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,6 +124,48 @@ def test_trace_without_refinement():
     curve = trace(Stub(exponential(47.3), 2), ORDERING, GRID, PPL0, 1.0, 1.5, refine=False)
     assert (curve.k1, curve.k_star) == (16, 64)
     assert all(k in GRID for k in curve.k)
+
+
+def search(metric, masks_per_pass: int, n: int = len(ORDERING), tau=1.0, onset=1.5):
+    stub = Stub(metric, masks_per_pass)
+    plan = search_plan(n, PPL0, tau, onset, masks_per_pass)
+    return trace_all(stub, [ORDERING], [plan])[0], stub
+
+
+@pytest.mark.parametrize("masks_per_pass", [1, 2, 4, 7])
+@pytest.mark.parametrize("rate", [0.4, 3.0, 47.3, 80.0, 290.0])
+def test_search_finds_the_exact_stages_with_few_evaluations(masks_per_pass, rate):
+    metric = exponential(rate)
+    curve, stub = search(metric, masks_per_pass)
+    k1 = first_k(metric, lambda r: r >= 1.5, limit=len(ORDERING) + 1)
+    k_star = first_k(metric, lambda r: math.log10(r) >= 1.0, limit=len(ORDERING) + 1)
+    assert (curve.k1, curve.k_star) == (k1, k_star)
+    assert curve.k == sorted(set(stub.seen))
+    # Gallop (log2 of 300, about 9 points) and two bisections of a gap below a power of two.
+    assert len(stub.seen) <= 2 * 9 + 2 * math.ceil(math.log2(len(ORDERING)))
+    assert not falls(curve)
+
+
+def test_search_ends_at_n_when_nothing_collapses():
+    curve, stub = search(lambda k: PPL0 * (1 + k / 1000), 4)
+    assert curve.k_star is None and max(stub.seen) == len(ORDERING)
+    assert curve.k1 is None  # the ratio is 1.3 at n = 300: no onset either
+
+
+def test_search_records_where_the_curve_falls():
+    """A curve that collapses at 4, recovers from 6 to 40 and collapses again: the gallop's
+    first pass (1, 2, 4, 8) sees it fall from 4 to 8, and the record says so."""
+
+    def metric(k):
+        return PPL0 * (100.0 if 4 <= k < 6 or k >= 40 else 1.0)
+
+    curve, _ = search(metric, 4)
+    dips = falls(curve)
+    assert {"k_before": 5, "ppl_before": 200.0, "k": 6, "ppl": 2.0} in dips or any(
+        d["k_before"] in (4, 5) for d in dips
+    ), curve
+    for dip in dips:
+        assert dip["k_before"] < dip["k"] and dip["ppl"] < dip["ppl_before"]
 
 
 def test_curve_add_keeps_order():
@@ -637,3 +679,32 @@ def test_pipeline_scores_without_eos_when_asked(llava_run, tmp_path):
     site = runs[True].sites[0]
     torch.testing.assert_close(runs[True][site], scores[site], rtol=1e-5, atol=1e-7)
     assert not torch.allclose(runs[True][site], runs[False][site])
+
+
+@pytest.mark.parametrize("family", tm.FAMILIES)
+@pytest.mark.parametrize("unit", ["out", "mid"])
+def test_prefix_reuse_gives_the_metric_of_full_passes(family, unit):
+    """The evaluator replays what precedes the earliest site of its pool, recorded once per
+    batch, and the metric is that of full forward passes, on every family."""
+    from canfast.sweep.evaluator import Evaluator
+
+    model = tm.wrap(family, seed=3)
+    samples = tm.samples(family, n=3)
+    late = [s.name for s in model.sites(unit) if s.layer == tm.LAYERS - 1]
+    g = torch.Generator().manual_seed(0)
+    sets = [NeuronSet(())]
+    for k in (1, 5, 17):
+        picked = []
+        for _ in range(k):
+            site = late[int(torch.randint(len(late), (1,), generator=g))]
+            channel = int(torch.randint(model.site(site).channels, (1,), generator=g))
+            picked.append((site, channel))
+        sets.append(NeuronSet(tuple(dict.fromkeys(picked))))
+    common = {"batch_size": 2, "masks_per_pass": 3, "progress": False}
+    reused = Evaluator(model, samples, sites=late, **common)
+    full = Evaluator(model, samples, reuse=False, **common)
+    got, expected = reused(sets), full(sets)
+    assert reused.shared.replay and all(r is not None for r in reused.shared._records.values())
+    assert len(reused.shared._records) == 2  # 3 samples in batches of 2
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
+    assert len(set(got)) > 1

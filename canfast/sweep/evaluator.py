@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from canfast.data import Sample
 from canfast.mask import masked
 from canfast.model import Model
-from canfast.objective import Objective, evaluate, generate_answers
+from canfast.objective import Objective, evaluate, evaluate_batches, generate_answers
 from canfast.score import data_fingerprint
 from canfast.sites import NeuronSet
+from canfast.sweep.reuse import SharedWork
 from canfast.work import Work, content_key
 
 METRICS = ("ppl", "gen-ppl")
@@ -45,6 +46,8 @@ class Evaluator:
         backend: str = "auto",
         progress: bool = True,
         work: Work | None = None,
+        sites: Sequence[str] | None = None,
+        reuse: bool = True,
     ) -> None:
         self.model = model
         self.samples = list(samples)
@@ -55,6 +58,11 @@ class Evaluator:
         self.objective = objective
         self.backend = backend
         self.work = work or Work()
+        # The encoded batches and, before the earliest of ``sites`` (every site a set may
+        # mask), the forward pass, computed once for all passes.
+        self.shared = SharedWork(
+            model, self.samples, batch_size, sites or (), replay=reuse and bool(sites)
+        )
         self.calls = 0
         # A group's result depends on the samples it was measured on, and on nothing else that
         # the run's manifest does not already pin.
@@ -100,9 +108,18 @@ class Evaluator:
         return [by_key[key] for key in keys]
 
     def _ppl(self, group: list[NeuronSet]) -> list[float]:
+        for neurons in group:
+            for site, _ in neurons:
+                if self.shared.replay and site not in self.shared.sites:
+                    raise ValueError(f"site {site} is not among the sites of this evaluator")
+        self.shared.prepare()
         with masked(self.model, group, backend=self.backend):
-            results = evaluate(
-                self.model, self.samples, self.batch_size, self.objective, masks=len(group)
+            results = evaluate_batches(
+                self.model,
+                self.shared.batches(),
+                self.objective,
+                masks=len(group),
+                around=self.shared.around,
             )
         return [r.ppl for r in results]
 

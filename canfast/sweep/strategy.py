@@ -157,6 +157,7 @@ class SweepJob:
             self.backend,
             self.progress,
             self.work,
+            sites=list(self.pool),
         )
 
 
