@@ -190,6 +190,8 @@ def run(
     strategy = sweep.check() if sweep is not None else None
     if resume and sweep is None:
         raise BadInput("--resume applies to sweeps and scans")
+    if resume and out is None:
+        raise BadInput("--resume needs --out, the run directory of the run to go on with")
     name = model.name if isinstance(model, Model | ModelConfig) else str(model)
     device = model.device if isinstance(model, ModelConfig) else None
     job = distributed.join(device)

@@ -213,6 +213,10 @@ def test_search_finds_the_stages_of_the_step_one_curve(workdir):
             assert k > a["k_star"]
 
 
+def test_resume_needs_the_run_directory(workdir):
+    error_line(run_cli("sweep", "--resume", cwd=workdir), "--out")
+
+
 def test_search_refuses_a_schedule_and_the_scan(workdir):
     error_line(run_cli("sweep", "--search", "--schedule", "1:8", cwd=workdir), "--schedule")
     error_line(run_cli("sweep", "--search", "--sweep-kind", "single", cwd=workdir), "--search")
