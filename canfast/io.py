@@ -79,7 +79,18 @@ def save_tensors(path: str | Path, tensors: dict[str, Tensor], metadata: dict[st
     from safetensors.torch import save
 
     data = save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)
-    return write_bytes(path, data)
+    return write_bytes(path, _sorted_header(data))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """The same safetensors file with its JSON header's keys sorted. safetensors writes them in
+    hash order, which differs from process to process; sorted, the same tensors and metadata
+    give the same bytes, so two runs' files can be compared as files."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # safetensors keeps the tensor data 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + data[8 + size :]
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str]]:
