@@ -248,7 +248,7 @@ def _stopped(run_dir: RunDir, how: str) -> str:
 
 
 def _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, report) -> RunOutcome:
-    run_dir.pin(_options(model, data, sites, scoring, sweep))
+    _pin(run_dir, job, _options(model, data, sites, scoring, sweep))
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
     # A Model passed in keeps its own setting once the run is over.
@@ -313,8 +313,21 @@ def _fixed(run_dir: RunDir, job, record: dict) -> None:
             "the ranks of this job disagree on " + ", ".join(record) + " (non-deterministic "
             "targets or scores?); run it in one process"
         )
+    _pin(run_dir, job, record)
+
+
+def _pin(run_dir: RunDir, job, record: dict) -> None:
+    """Pin ``record`` in the manifest (rank 0); a refused resume stops every rank."""
+    problem = None
     if job.leader:
-        run_dir.pin(record)
+        try:
+            run_dir.pin(record)
+        except BadInput as exc:
+            problem = exc
+    if not distributed.all_agree(problem is None, job):
+        if problem is not None:
+            raise problem
+        raise SystemExit(2)  # rank 0 said why
 
 
 def _compute(run_dir, work, job, loaded, samples, data, sites, scoring, sweep, strategy):
