@@ -118,9 +118,7 @@ def test_target_only_defers_without_autograd_and_projects_with_it(monkeypatch):
     full = model.forward(batch).logits.double()
     scored = batch.labels != IGNORE
     nll = torch.nn.functional.cross_entropy(full[scored], batch.labels[scored], reduction="none")
-    want = torch.zeros(batch.size, dtype=torch.float64).index_add_(
-        0, scored.nonzero()[:, 0], nll
-    )
+    want = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, scored.nonzero()[:, 0], nll)
     torch.testing.assert_close(fused, want, rtol=1e-12, atol=1e-12)
 
 
