@@ -7,7 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import canfast
 from canfast import target_logits
+from canfast.data import batches
+from canfast.errors import BadInput
+from canfast.first_order import estimate_and_can, first_order
 from canfast.model import IGNORE
 from canfast.neuron_scan import scan
 from canfast.target_logits import (
@@ -142,3 +146,86 @@ def test_scan_with_the_fused_loss_in_small_tiles_equals_naive_loop(monkeypatch, 
     for name in result.sites:
         want = naive_deltas(model, samples, model.site(name), batch_size=2)
         _assert_close_relative(result[name], want)
+
+
+def _assert_estimate_close(got, want):
+    # Norms run in float32 inside the float64 models, so the backward of a loss scaled per
+    # sample rounds differently from one scaled once: close to 1e-5 relative, and to 1e-6 of
+    # the site's largest estimate for entries that nearly cancel.
+    atol = 1e-6 * float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=atol)
+
+
+def _encoded(model, samples, batch_size=2):
+    return [model.encode(chunk) for chunk in batches(samples, batch_size)]
+
+
+@pytest.mark.parametrize("family", ["llama", "llava", "t5", "gpt2"])
+@pytest.mark.parametrize("unit", ["out", "mid"])
+def test_estimate_and_can_from_one_backward_equal_the_two_passes(family, unit):
+    model = tiny_models.wrap(family, dtype=torch.float64)
+    samples = tiny_models.samples(family, 3)
+    encoded = _encoded(model, samples)
+    counts = torch.cat([(b.labels != IGNORE).sum(1) for b in encoded])
+    # Samples of different target lengths weigh differently in the two losses.
+    assert len(set(counts.tolist())) > 1
+    sites = model.sites(unit)
+    normalizer = float(counts.sum())
+    want_estimate = first_order(model, encoded, sites, normalizer)
+    estimate, can = estimate_and_can(model, encoded, sites, normalizer, alpha=0.5)
+    scores = canfast.score(
+        model,
+        samples,
+        alpha=0.5,
+        unit=unit,
+        sites=[s.name for s in sites],
+        targets="given",
+        batch_size=2,
+        path="hooks",
+        progress=False,
+    )
+    for site in sites:
+        _assert_estimate_close(estimate[site.name], want_estimate[site.name])
+        assert can[site.name].dtype == torch.float32
+        torch.testing.assert_close(can[site.name], scores[site.name], rtol=1e-5, atol=1e-7)
+
+
+def test_estimate_and_can_with_a_custom_objective():
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    samples = tiny_models.samples("llama", 3)
+    encoded = _encoded(model, samples)
+    sites = model.sites("out")
+
+    def first_logit(outputs, batch):
+        return outputs.logits[:, 0, :3].double().pow(2).sum(-1)
+
+    want = first_order(model, encoded, sites, 3.0, first_logit)
+    estimate, can = estimate_and_can(model, encoded, sites, 3.0, 0.25, first_logit)
+    scores = canfast.score(
+        model,
+        samples,
+        alpha=0.25,
+        sites=[s.name for s in sites],
+        targets="given",
+        batch_size=2,
+        objective=first_logit,
+        path="hooks",
+        progress=False,
+    )
+    for site in sites:
+        _assert_estimate_close(estimate[site.name], want[site.name])
+        torch.testing.assert_close(can[site.name], scores[site.name], rtol=1e-5, atol=1e-7)
+
+
+def test_estimate_and_can_refuse_a_loss_without_gradient():
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    encoded = _encoded(model, tiny_models.samples("llama", 2))
+    with pytest.raises(BadInput):
+        estimate_and_can(
+            model,
+            encoded,
+            model.sites("out"),
+            2.0,
+            0.5,
+            lambda outputs, batch: outputs.logits[:, 0, 0] * 0,
+        )
