@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import canfast
-from canfast import target_logits
+from canfast import prefix, target_logits
 from canfast.data import batches
 from canfast.errors import BadInput
 from canfast.first_order import estimate_and_can, first_order
@@ -229,3 +229,53 @@ def test_estimate_and_can_refuse_a_loss_without_gradient():
             0.5,
             lambda outputs, batch: outputs.logits[:, 0, 0] * 0,
         )
+
+
+@pytest.mark.parametrize("op", ["add", "sub", "mul"])
+def test_tiled_outputs_broadcast_in_elementwise_operations_without_copying(op):
+    g = torch.Generator().manual_seed(3)
+    source = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    other_source = torch.randn(2, 3, 4, generator=g, dtype=torch.float64)
+    dense = torch.randn(10, 3, 4, generator=g, dtype=torch.float64)
+    fn = getattr(torch, op)
+    kwargs = {"alpha": 0.5} if op != "mul" else {}
+    full = source.repeat(5, 1, 1)
+    other_full = other_source.repeat(5, 1, 1)
+    for left, right, want in (
+        (lambda: prefix._Tiled(source, 5), lambda: dense, fn(full, dense, **kwargs)),
+        (lambda: dense, lambda: prefix._Tiled(source, 5), fn(dense, full, **kwargs)),
+        (
+            lambda: prefix._Tiled(source, 5),
+            lambda: prefix._Tiled(other_source, 5),
+            fn(full, other_full, **kwargs),
+        ),
+    ):
+        a, b = left(), right()
+        got = fn(a, b, **kwargs)
+        assert torch.equal(got, want)
+        for operand in (a, b):
+            assert not isinstance(operand, prefix._Tiled) or operand.full is None
+    # The sum of two tiled tensors stays tiled, and reads as the dense sum.
+    both = prefix._Tiled(source, 5) + prefix._Tiled(other_source, 5)
+    assert isinstance(both, prefix._Tiled)
+    assert torch.equal(both * 1.0, full + other_full)
+    # A broadcast that does not fit (another dtype) takes the dense path, with the same result.
+    assert torch.equal(prefix._Tiled(source, 5) + dense.float(), full + dense.float())
+
+
+def test_scan_of_a_later_layer_broadcasts_the_residual_and_equals_naive_loop(monkeypatch):
+    taken = []
+    real = prefix._broadcast_elementwise
+
+    def spy(*args):
+        result = real(*args)
+        taken.append(result is not None)
+        return result
+
+    monkeypatch.setattr(prefix, "_broadcast_elementwise", spy)
+    model = tiny_models.wrap("llama", dtype=torch.float64)
+    samples = tiny_models.samples("llama", 3)
+    name = "language.1.down"
+    result = scan(model, samples, sites=name, targets="given", batch_size=2, progress=False)
+    assert any(taken), "the replay did not broadcast a tiled residual"
+    _assert_close_relative(result[name], naive_deltas(model, samples, model.site(name), 2))
