@@ -279,3 +279,24 @@ def test_scan_of_a_later_layer_broadcasts_the_residual_and_equals_naive_loop(mon
     result = scan(model, samples, sites=name, targets="given", batch_size=2, progress=False)
     assert any(taken), "the replay did not broadcast a tiled residual"
     _assert_close_relative(result[name], naive_deltas(model, samples, model.site(name), 2))
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2_moe"])
+def test_target_losses_follow_what_the_model_does_to_its_logits(monkeypatch, family):
+    """Gemma 2 soft-caps its logits: the deferred logits compute themselves for it and the loss
+    reads the capped numbers; a mixture of experts defers as a plain model does."""
+    model = tiny_models.wrap(family, dtype=torch.float64)
+    batch = model.encode(tiny_models.samples(family, 3))
+    capped = getattr(model.hf.config, "final_logit_softcapping", None)
+    assert (capped is not None) == (family == "gemma2")
+    calls = _fused_calls(monkeypatch)
+    with torch.no_grad(), target_only(model, batch.labels) as head:
+        outputs = model.hf(**dict(batch.inputs), use_cache=False)
+        got = target_losses(outputs.logits, batch.labels, head.compact)
+    assert bool(calls) == (capped is None)
+    with torch.no_grad():
+        full = model.forward(batch).logits.double()
+    scored = batch.labels != IGNORE
+    nll = torch.nn.functional.cross_entropy(full[scored], batch.labels[scored], reduction="none")
+    want = torch.zeros(batch.size, dtype=torch.float64).index_add_(0, scored.nonzero()[:, 0], nll)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
