@@ -13,9 +13,10 @@ screening against the full exact scan.
      matmul rate measured in the same run on the scan's own GEMM shapes: the FFN products and
      the attention projections of the tiled batch, and the vocabulary projection, each at the
      faster of one product and the tiles canfast runs it in (``target_logits``), so the floor
-     does not charge canfast for a slow way of doing a product. The record pass (one forward
-     per batch) and attention's causal half are not taken off: the floor is only ever lower
-     than what a scan must do.
+     does not charge canfast for a slow way of doing a product. The record passes (one
+     forward per batch) are left out of the floor, which makes it stricter; attention counts
+     its full square, where a causal kernel could skip half (about 1% of the floor's FLOPs
+     here), which makes it laxer by that much.
 2. Screening on ``builtin:tiny-llava``, all sites: the full exact scan against a screened scan
    that ablates at most 5% of the neurons exactly (top N plus the calibration sample), and how
    many of the exact top-100 by |delta| each screen (|estimate|, CAN, both) finds.
