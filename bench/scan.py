@@ -21,7 +21,11 @@ screening against the full exact scan.
    that ablates at most 5% of the neurons exactly (top N plus the calibration sample), and how
    many of the exact top-100 by |delta| each screen (|estimate|, CAN, both) finds.
 
-Ratios are taken within one run; the machine may be shared, so read them, not the seconds.
+Ratios are taken within one run; the machine may be shared, so read them, not the seconds. On
+a shared machine run it with ``OMP_NUM_THREADS=1``: with two threads, a thread that another
+process preempts leaves its partner spinning at every barrier, and wall and CPU time alike
+swell by a factor that changes from minute to minute (at a load of 9 on 2 cores the full scan's
+CPU time was about 7x what one thread needs).
 """
 
 from __future__ import annotations
