@@ -87,10 +87,61 @@ class _Tiled(torch.Tensor):
 
     @classmethod
     def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        broadcast = _broadcast_elementwise(func, args, kwargs)
+        if broadcast is not None:
+            return broadcast
+
         def plain(value):
             return value.dense() if isinstance(value, _Tiled) else value
 
-        return func(*tree_map(plain, args), **tree_map(plain, kwargs or {}))
+        return func(*tree_map(plain, args), **tree_map(plain, kwargs))
+
+
+# Elementwise operations whose result at each position reads only that position of each input:
+# with one tiled operand they broadcast its source over the blocks instead of copying it.
+_BROADCASTABLE = {
+    torch.ops.aten.add.Tensor,
+    torch.ops.aten.sub.Tensor,
+    torch.ops.aten.mul.Tensor,
+}
+
+
+def _broadcast_elementwise(func, args: tuple, kwargs: dict) -> Tensor | None:
+    """``func(tiled, other)`` or ``func(other, tiled)`` as a broadcast over the blocks (the
+    residual add after a replayed site reads a cut output), ``func`` of two tiled tensors as
+    the tiled result of their sources, or None where that does not apply: another operation,
+    shapes or dtypes that differ, or a tiled tensor already made dense."""
+    if func not in _BROADCASTABLE or len(args) != 2:
+        return None
+    first, second = args
+    if isinstance(first, _Tiled) and isinstance(second, _Tiled):
+        # Two cut outputs (the residual add between a cut attention and a cut layer): the
+        # result is their sum tiled, and stays lazy.
+        if (
+            first.full is None
+            and second.full is None
+            and first.times == second.times
+            and first.source.shape == second.source.shape
+            and first.dtype == second.dtype
+        ):
+            return _Tiled(func(first.source, second.source, **kwargs), first.times)
+        return None
+    if not isinstance(first, _Tiled) and not isinstance(second, _Tiled):
+        return None
+    tiled, other = (first, second) if isinstance(first, _Tiled) else (second, first)
+    if (
+        tiled.full is not None
+        or not isinstance(other, Tensor)
+        or other.shape != tiled.shape
+        or other.dtype != tiled.dtype
+        or other.device != tiled.device
+    ):
+        return None
+    source = tiled.source.unsqueeze(0)
+    blocks = other.reshape(tiled.times, *tiled.source.shape)
+    pair = (source, blocks) if tiled is first else (blocks, source)
+    return func(*pair, **kwargs).reshape(tiled.shape)
 
 
 def tile(value: Any, rows: int, times: int) -> Any:
