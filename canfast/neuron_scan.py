@@ -27,11 +27,11 @@ from canfast import __version__
 from canfast.ablation import Ablator
 from canfast.data import Sample, batches
 from canfast.errors import BadInput
-from canfast.first_order import first_order
+from canfast.first_order import estimate_and_can, first_order
 from canfast.io import load_tensors, read_json, save_tensors, write_json
 from canfast.model import IGNORE, Model
 from canfast.objective import Objective, with_targets
-from canfast.score import Scores, check_alpha, data_fingerprint, score
+from canfast.score import Scores, check_alpha, data_fingerprint
 from canfast.sites import NeuronSet
 from canfast.work import Work, content_key
 
@@ -444,24 +444,17 @@ def scan(
         normalizer = float(len(samples))
 
     clock = time.perf_counter()
-    estimate = first_order(model, encoded, chosen, normalizer, objective)
-    timings["estimate_s"] = time.perf_counter() - clock
-    clock = time.perf_counter()
     if can is None:
-        can = score(
-            model,
-            samples,
-            alpha=alpha,
-            unit=unit,
-            sites=[s.name for s in chosen],
-            targets="given",
-            batch_size=batch_size,
-            objective=objective,
-            backend=backend,
-            progress=False,
+        # One backward per batch gives the estimate and the CAN scores.
+        estimate, can = estimate_and_can(
+            model, encoded, chosen, normalizer, alpha, objective, backend
         )
+        timings["estimate_s"] = time.perf_counter() - clock
     else:
+        estimate = first_order(model, encoded, chosen, normalizer, objective)
+        timings["estimate_s"] = time.perf_counter() - clock
         can.check_model(model)
+    clock = time.perf_counter()
     missing = [s.name for s in chosen if s.name not in can]
     if missing:
         raise BadInput(f"the CAN scores do not cover site {missing[0]}")
