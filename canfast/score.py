@@ -144,31 +144,42 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
 
 
 class _SiteTotals:
-    """Running per-channel sums over samples for one site, in float64."""
+    """Running per-channel sums over samples for one site, in float64.
+
+    They stay on the device the sums come from (float64 permitting), and adding a batch has no
+    data-dependent step, so scoring never waits on the device between batches: the one copy
+    to the host is in :meth:`result`.
+    """
 
     def __init__(self, channels: int) -> None:
-        self.n = 0
-        self.s = torch.zeros(channels, dtype=torch.float64)
-        self.s2 = torch.zeros(channels, dtype=torch.float64)
-        self.act = torch.zeros(channels, dtype=torch.float64)
-        self.grad = torch.zeros(channels, dtype=torch.float64)
+        self.channels = channels
+        self.n: Tensor | None = None  # samples seen
+        self.means: Tensor | None = None  # [3, C]: per-sample means of S, |a|, |g|, summed
+        self.s2: Tensor | None = None  # [C]: per-sample means of S, squared, summed
 
     def add(self, sums: Tensor, counts: Tensor) -> None:
-        # A sample with no row at this site (no token routed to an expert) has no S.
-        seen = (counts > 0).cpu()
-        means = (sums.double() / counts.double().clamp_min(1)[:, None, None]).cpu()[seen]
-        s = means[:, 0]
-        self.n += s.shape[0]
-        self.s += s.sum(0)
-        self.s2 += (s * s).sum(0)
-        self.act += means[:, 1].sum(0)
-        self.grad += means[:, 2].sum(0)
+        if self.means is None:
+            device = sums.device if sums.device.type != "mps" else torch.device("cpu")
+            self.n = torch.zeros((), dtype=torch.int64, device=device)
+            self.means = torch.zeros(3, self.channels, dtype=torch.float64, device=device)
+            self.s2 = torch.zeros(self.channels, dtype=torch.float64, device=device)
+        sums, counts = sums.to(self.means.device), counts.to(self.means.device)
+        # A sample with no row at this site (no token routed to an expert) has no S. Nothing
+        # was added to its sums, so it adds exactly 0 to every total; it is just not counted.
+        means = sums.double() / counts.clamp_min(1).double()[:, None, None]
+        self.n += (counts > 0).sum()
+        self.means += means.sum(0)
+        self.s2 += means[:, 0].square().sum(0)
 
     def result(self) -> tuple[Tensor, dict[str, Tensor]]:
-        n = max(self.n, 1)
-        mean = self.s / n
-        std = (self.s2 / n - mean * mean).clamp_min(0).sqrt()
-        stats = {"std": std.float(), "act": (self.act / n).float(), "grad": (self.grad / n).float()}
+        if self.means is None:
+            zero = torch.zeros(self.channels)
+            return zero, {"std": zero.clone(), "act": zero.clone(), "grad": zero.clone()}
+        n = max(int(self.n), 1)
+        totals = self.means.cpu() / n
+        mean = totals[0]
+        std = (self.s2.cpu() / n - mean * mean).clamp_min(0).sqrt()
+        stats = {"std": std.float(), "act": totals[1].float(), "grad": totals[2].float()}
         return mean.float(), stats
 
 
