@@ -143,44 +143,92 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
-class _SiteTotals:
-    """Running per-channel sums over samples for one site, in float64.
+class _Totals:
+    """Running per-channel sums over samples for every site of a run, in float64.
 
-    They stay on the device the sums come from (float64 permitting), and adding a batch has no
-    data-dependent step, so scoring never waits on the device between batches: the one copy
-    to the host is in :meth:`result`.
+    A batch's per-sample sums wait in :meth:`add` until :meth:`flush` folds them in. The sites
+    of one width share one table, so a batch costs a few tensor ops per width rather than per
+    site (a run scores every FFN of a model: most of a small batch's bookkeeping was this). The
+    tables stay on the device the sums come from (float64 permitting) and folding has no
+    data-dependent step, so scoring never waits on the device between batches; the one copy to
+    the host is in :meth:`result`.
     """
 
-    def __init__(self, channels: int) -> None:
-        self.channels = channels
-        self.n: Tensor | None = None  # samples seen
-        self.means: Tensor | None = None  # [3, C]: per-sample means of S, |a|, |g|, summed
-        self.s2: Tensor | None = None  # [C]: per-sample means of S, squared, summed
+    def __init__(self, sites: Sequence[Site]) -> None:
+        self.slot: dict[str, tuple[int, int]] = {}  # site -> (its width, its row in that table)
+        widths: dict[int, int] = {}
+        for site in sites:
+            self.slot[site.name] = (site.channels, widths.get(site.channels, 0))
+            widths[site.channels] = widths.get(site.channels, 0) + 1
+        self.widths = widths
+        # width -> samples seen [S], per-sample means of S, |a|, |g| summed [S, 3, C], and
+        # per-sample means of S, squared, summed [S, C]
+        self.tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.pending: list[tuple[str, Tensor, Tensor]] = []
+        self.index: dict[tuple, Tensor] = {}  # table rows of a batch's layout, reused
 
-    def add(self, sums: Tensor, counts: Tensor) -> None:
-        if self.means is None:
-            device = sums.device if sums.device.type != "mps" else torch.device("cpu")
-            self.n = torch.zeros((), dtype=torch.int64, device=device)
-            self.means = torch.zeros(3, self.channels, dtype=torch.float64, device=device)
-            self.s2 = torch.zeros(self.channels, dtype=torch.float64, device=device)
-        sums, counts = sums.to(self.means.device), counts.to(self.means.device)
-        # A sample with no row at this site (no token routed to an expert) has no S. Nothing
-        # was added to its sums, so it adds exactly 0 to every total; it is just not counted.
-        means = sums.double() / counts.clamp_min(1).double()[:, None, None]
-        self.n += (counts > 0).sum()
-        self.means += means.sum(0)
-        self.s2 += means[:, 0].square().sum(0)
+    def add(self, site: str, sums: Tensor, counts: Tensor) -> None:
+        """Per-sample sums ``[B, 3, C]`` of ``site`` over ``counts`` ``[B]`` rows each."""
+        self.pending.append((site, sums, counts))
 
-    def result(self) -> tuple[Tensor, dict[str, Tensor]]:
-        if self.means is None:
-            zero = torch.zeros(self.channels)
-            return zero, {"std": zero.clone(), "act": zero.clone(), "grad": zero.clone()}
-        n = max(int(self.n), 1)
-        totals = self.means.cpu() / n
-        mean = totals[0]
-        std = (self.s2.cpu() / n - mean * mean).clamp_min(0).sqrt()
-        stats = {"std": std.float(), "act": totals[1].float(), "grad": totals[2].float()}
-        return mean.float(), stats
+    def _table(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if width not in self.tables:
+            device = device if device.type != "mps" else torch.device("cpu")
+            sites, f64 = self.widths[width], torch.float64
+            self.tables[width] = (
+                torch.zeros(sites, dtype=torch.int64, device=device),
+                torch.zeros(sites, 3, width, dtype=f64, device=device),
+                torch.zeros(sites, width, dtype=f64, device=device),
+            )
+        return self.tables[width]
+
+    def flush(self) -> None:
+        """Fold the pending sums in: one stack per (width, samples), and a site called twice in
+        one batch lands in a later round, so each ``index_add_`` meets distinct rows (its result
+        then does not depend on the order a device adds in)."""
+        groups: dict[tuple[int, int, int], list[tuple[int, Tensor, Tensor]]] = {}
+        calls: dict[str, int] = {}
+        for site, sums, counts in self.pending:
+            width, row = self.slot[site]
+            turn = calls[site] = calls.get(site, -1) + 1
+            groups.setdefault((width, sums.shape[0], turn), []).append((row, sums, counts))
+        self.pending.clear()
+        for (width, _, _), items in groups.items():
+            n, means_sum, s2 = self._table(width, items[0][1].device)
+            device = means_sum.device
+            sums = torch.stack([s.to(device) for _, s, _ in items])  # [I, B, 3, C]
+            counts = torch.stack([c.to(device) for _, _, c in items])  # [I, B]
+            # A sample with no row at a site (no token routed to an expert) has no S. Nothing
+            # was added to its sums, so it adds exactly 0 below; it is just not counted.
+            means = sums.double() / counts.clamp_min(1).double()[..., None, None]
+            key = (width, *(row for row, _, _ in items))
+            index = self.index.get(key)
+            if index is None:
+                index = self.index[key] = torch.tensor(key[1:], device=device)
+            n.index_add_(0, index, (counts > 0).sum(1))
+            means_sum.index_add_(0, index, means.sum(1))
+            s2.index_add_(0, index, means[:, :, 0].square().sum(1))
+
+    def results(self) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
+        """Per site, ``I`` and its statistics: float32 on the host, a tensor of its own each."""
+        per_width = {}
+        for width, (n, means_sum, s2) in self.tables.items():
+            n = n.cpu().clamp_min(1).double()[:, None]
+            totals = means_sum.cpu() / n[:, :, None]
+            mean = totals[:, 0]
+            std = (s2.cpu() / n - mean * mean).clamp_min(0).sqrt()
+            # unbind: one call gives every site's row; each is cloned so no two share storage.
+            per_width[width] = [
+                t.float().unbind(0) for t in (mean, std, totals[:, 1], totals[:, 2])
+            ]
+        out = {}
+        for site, (width, row) in self.slot.items():
+            if width in per_width:
+                mean, std, act, grad = (rows[row].clone() for rows in per_width[width])
+            else:  # no batch reached this site
+                mean, std, act, grad = (torch.zeros(width) for _ in range(4))
+            out[site] = mean, {"std": std, "act": act, "grad": grad}
+        return out
 
 
 @dataclass(frozen=True)
@@ -364,7 +412,7 @@ class _Collector:
         self.sites = list(sites)
         self.alpha = alpha
         self.backend = backend
-        self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
+        self.totals = _Totals(sites)
         self.batch: Batch | None = None
         self.images: ImageRows | None = None
         self.removers: list = []
@@ -401,7 +449,7 @@ class _Collector:
             size = self.batch.size if self.batch is not None else int(owner.max()) + 1
             sums = sums.new_zeros(size, *sums.shape[1:]).index_add_(0, owner, sums)
             counts = counts.new_zeros(size).index_add_(0, owner, counts)
-        self.totals[site.name].add(sums, counts)
+        self.totals.add(site.name, sums, counts)
 
     def reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
         """Score one activation and its gradient with the ``score_accumulate`` op."""
@@ -466,6 +514,7 @@ class _HookCollector(_Collector):
         for site, a in list(self.pending.values()):
             self.reduce(site, a, torch.zeros_like(a))
         self.pending.clear()
+        self.totals.flush()
 
 
 @dataclass(eq=False)
@@ -530,6 +579,7 @@ class _FusedCollector(_Collector):
             else:
                 self.add(call.site, call.sink.out, call.rows)
         self.calls.clear()
+        self.totals.flush()
 
 
 PATHS = ("auto", "fused", "hooks")
@@ -624,8 +674,9 @@ def score(
         for p, flag in zip(model.hf.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
     values, stats = {}, {}
+    results = collector.totals.results()
     for site in chosen:
-        values[site.name], stats[site.name] = collector.totals[site.name].result()
+        values[site.name], stats[site.name] = results[site.name]
     check_signal(values, objective is None, *seen)
     meta = {
         "alpha": repr(alpha),
