@@ -249,6 +249,7 @@ class SampleRows:
     steps: int
     valid: Tensor | None
     owner: Tensor | None = None
+    counted: dict[torch.device, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, lead: torch.Size, batch: Batch | None, stream: str | None) -> SampleRows:
@@ -266,10 +267,16 @@ class SampleRows:
         return cls(samples, steps, valid)
 
     def counts(self, device: torch.device) -> Tensor:
-        """The number of real rows of each group."""
-        if self.valid is not None:
-            return self.valid.sum(1).to(device)
-        return torch.full((self.samples,), self.steps, device=device)
+        """The number of real rows of each group (computed once per device: the sites of a
+        batch share their SampleRows)."""
+        counts = self.counted.get(device)
+        if counts is None:
+            if self.valid is not None:
+                counts = self.valid.sum(1).to(device)
+            else:
+                counts = torch.full((self.samples,), self.steps, device=device)
+            self.counted[device] = counts
+        return counts
 
 
 @dataclass(frozen=True)
@@ -415,6 +422,7 @@ class _Collector:
         self.totals = _Totals(sites)
         self.batch: Batch | None = None
         self.images: ImageRows | None = None
+        self.known_rows: dict[tuple, SampleRows] = {}
         self.removers: list = []
 
     def __enter__(self) -> _Collector:
@@ -425,14 +433,27 @@ class _Collector:
             remove()
         self.removers.clear()
 
+    def start_batch(self, batch: Batch, images: ImageRows | None) -> None:
+        """Called before each batch's forward pass."""
+        self.batch = batch
+        self.images = images
+        self.known_rows.clear()
+
     def rows(self, site: Site, lead: torch.Size) -> SampleRows:
-        batch = self.batch
-        if self.images is not None and site.component in ("vision", "projector"):
-            # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
-            return self.images.split(site, lead)
-        rows = SampleRows.of(lead, batch, site.stream)
+        # Every site of a batch with the same leading shape and stream splits alike: decided
+        # once per batch, not once per call.
+        vision = self.images is not None and site.component in ("vision", "projector")
+        key = (vision, lead, None if vision else site.stream)
+        rows = self.known_rows.get(key)
+        if rows is None:
+            if vision:
+                # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
+                rows = self.images.split(site, lead)
+            else:
+                rows = SampleRows.of(lead, self.batch, site.stream)
+            self.known_rows[key] = rows
         routed = getattr(site.module, "routed_rows", None)
-        if routed is not None and lead.numel() == site.module.routed_total:
+        if not vision and routed is not None and lead.numel() == site.module.routed_total:
             # An expert (canfast.adapters.views) runs over every row of the batch while it is
             # watched, but only the rows its router picked count, each in its own sample.
             mask = torch.zeros(lead.numel(), dtype=torch.bool, device=routed.device)
@@ -659,8 +680,7 @@ def score(
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
             for chunk in batches(samples, batch_size):
                 batch = model.encode(chunk).to(model.device)
-                collector.batch = batch
-                collector.images = image_rows(model, batch)
+                collector.start_batch(batch, image_rows(model, batch))
                 losses = loss_fn(model.forward(batch), batch)
                 seen[0] += int(batch.target_mask.sum())
                 seen[1] += float(losses.detach().abs().sum())

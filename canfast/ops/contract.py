@@ -222,7 +222,8 @@ def _masked_linear_backward_impl(
     backend: str,
 ) -> Tensor:
     kernels = by_name(backend)
-    grad_y = grad_y.to(weight.dtype)
+    if grad_y.dtype != weight.dtype:
+        grad_y = grad_y.to(weight.dtype)
     feed = None
     if sink_out is not None:
         samples = sink_out.shape[0]
@@ -294,10 +295,13 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MaskedLinearFunction(torch.autograd.Function):
-    """The eager face of the same op: the formula above, without the dispatcher's round trip."""
+    """The eager face of the same op: the formula above, without the dispatcher's round trip.
+    The options that are not tensors travel as one tuple: autograd walks every argument of a
+    Function on each call and wants an answer per argument back."""
 
     @staticmethod
-    def forward(ctx, *inputs) -> Tensor:
+    def forward(ctx, x, weight, bias, out_mask, in_mask, sink_out, sink_valid, options) -> Tensor:
+        inputs = (x, weight, bias, out_mask, in_mask, sink_out, sink_valid, *options)
         output = _masked_linear_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
@@ -305,14 +309,14 @@ class _MaskedLinearFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        return _backward(ctx, grad_y)
+        return _backward(ctx, grad_y)[:8]
 
 
 def _masked_linear(*inputs) -> Tensor:
     if torch.compiler.is_compiling():
         return _masked_linear_op(*inputs)
     if torch.is_grad_enabled() and inputs[0].requires_grad:
-        return _MaskedLinearFunction.apply(*inputs)
+        return _MaskedLinearFunction.apply(*inputs[:7], inputs[7:])
     return _masked_linear_impl(*inputs)
 
 
