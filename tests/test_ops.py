@@ -303,6 +303,20 @@ def test_masked_linear_backward(backend, dtype, transposed) -> None:
         assert w.grad is None, "the weights are frozen: masked_linear gives dL/dx only"
 
 
+@pytest.mark.parametrize("backend", ["cpp:avx2", "triton"], indirect=True)
+def test_masked_linear_second_derivative_raises(backend) -> None:
+    """backward(create_graph=True) still gives dL/dx, and a use of the second derivative (which
+    the kernels cannot give) raises instead of answering wrongly."""
+    x = randn(4, 3, 45, dtype=torch.float32).requires_grad_()
+    w = randn(29, 45, dtype=torch.float32, scale=0.15)
+    y = ops.masked_linear(x, w, backend=backend)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    want = (2 * y.detach().double().reshape(12, -1)) @ w.double()
+    assert_close(dx.detach(), want.reshape(x.shape), TOL[torch.float32], "dx")
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("unit", ["out", "mid"])

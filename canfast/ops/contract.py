@@ -307,9 +307,18 @@ class _MaskedLinearFunction(torch.autograd.Function):
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels are not differentiable, so any use of a
+            # second derivative must raise. once_differentiable does that, and costs a fifth
+            # of a small layer's backward, so it runs only here.
+            return _backward_once(ctx, grad_y)
         return _backward(ctx, grad_y)[:8]
+
+
+@once_differentiable
+def _backward_once(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    return _backward(ctx, grad_y)[:8]
 
 
 def _masked_linear(*inputs) -> Tensor:
