@@ -143,6 +143,10 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device)
+
+
 class _Totals:
     """Running per-channel sums over samples for every site of a run, in float64.
 
@@ -196,8 +200,9 @@ class _Totals:
         for (width, _, _), items in groups.items():
             n, means_sum, s2 = self._table(width, items[0][1].device)
             device = means_sum.device
-            sums = torch.stack([s.to(device) for _, s, _ in items])  # [I, B, 3, C]
-            counts = torch.stack([c.to(device) for _, _, c in items])  # [I, B]
+            # [I, B, 3, C] and [I, B]; a model spread over devices sends its sums here
+            sums = torch.stack([_on(s, device) for _, s, _ in items])
+            counts = torch.stack([_on(c, device) for _, _, c in items])
             # A sample with no row at a site (no token routed to an expert) has no S. Nothing
             # was added to its sums, so it adds exactly 0 below; it is just not counted.
             means = sums.double() / counts.clamp_min(1).double()[..., None, None]
@@ -554,12 +559,13 @@ class _SiteSinks:
     def __init__(self, collector: _FusedCollector, site: Site) -> None:
         self.collector = collector
         self.site = site
+        self.unit = site.unit
 
     def open(self, x: Tensor) -> ops.ScoreSink:
         rows = self.collector.rows(self.site, x.shape[:-1])
         channels = self.site.channels
         out = torch.zeros(rows.samples, 3, channels, dtype=torch.float32, device=x.device)
-        sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.site.unit)
+        sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.unit)
         self.collector.calls.append(_Call(self.site, rows, sink))
         return sink
 
@@ -567,7 +573,7 @@ class _SiteSinks:
         call = self.collector.calls[-1]
         # Kept only for a call whose output the loss never uses, scored then with g = 0 (as the
         # hook path does); dropped as soon as the gradient arrives, so the backward frees it.
-        call.activation = (y if self.site.unit == "out" else x).detach()
+        call.activation = (y if self.unit == "out" else x).detach()
 
         def arrived(grad: Tensor) -> None:
             call.activation = None
@@ -674,7 +680,10 @@ def score(
         check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
-    seen = [0, 0.0]  # target tokens, sum of |loss|
+    # Target tokens and the sum of |loss|, kept as tensors on the model's device and read
+    # once at the end: reading them per batch would make the host wait for each forward pass.
+    tokens: Tensor | int = 0
+    loss: Tensor | float = 0.0
     try:
         with collector_class(chosen, alpha, backend) as collector, torch.enable_grad():
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
@@ -682,8 +691,8 @@ def score(
                 batch = model.encode(chunk).to(model.device)
                 collector.start_batch(batch, image_rows(model, batch))
                 losses = loss_fn(model.forward(batch), batch)
-                seen[0] += int(batch.target_mask.sum())
-                seen[1] += float(losses.detach().abs().sum())
+                tokens = tokens + batch.target_mask.sum()
+                loss = loss + losses.detach().abs().sum()
                 total = losses.sum()
                 if total.requires_grad:
                     total.backward()
@@ -697,7 +706,7 @@ def score(
     results = collector.totals.results()
     for site in chosen:
         values[site.name], stats[site.name] = results[site.name]
-    check_signal(values, objective is None, *seen)
+    check_signal(values, objective is None, int(tokens), float(loss))
     meta = {
         "alpha": repr(alpha),
         "unit": unit,

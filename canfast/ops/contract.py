@@ -363,7 +363,8 @@ def masked_linear(
     chosen = kernels_for(backend, "masked_linear", x).name
     om = _canonical_mask(out_mask, "out_mask", x, n_out)
     im = _canonical_mask(in_mask, "in_mask", x, n_in)
-    bias = bias.to(x.dtype) if bias is not None else None
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
     # Only x's gradient is ever computed: weights requiring grad do not make a graph.
