@@ -457,7 +457,8 @@ class _Collector:
             else:
                 rows = SampleRows.of(lead, self.batch, site.stream)
             self.known_rows[key] = rows
-        routed = getattr(site.module, "routed_rows", None)
+        # Only an expert view has the attribute; a Linear would raise and catch to say so.
+        routed = site.module.__dict__.get("routed_rows")
         if not vision and routed is not None and lead.numel() == site.module.routed_total:
             # An expert (canfast.adapters.views) runs over every row of the batch while it is
             # watched, but only the rows its router picked count, each in its own sample.
