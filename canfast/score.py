@@ -155,7 +155,7 @@ class _Totals:
     site (a run scores every FFN of a model: most of a small batch's bookkeeping was this). The
     tables stay on the device the sums come from (float64 permitting) and folding has no
     data-dependent step, so scoring never waits on the device between batches; the one copy to
-    the host is in :meth:`result`.
+    the host is in :meth:`results`.
     """
 
     def __init__(self, sites: Sequence[Site]) -> None:
