@@ -105,24 +105,34 @@ class Route:
         self.module = module
         self.transposed = transposed
         self.layers: list[RouteLayer] = []
+        self.compose()
 
-    def __call__(self, x: Tensor) -> Tensor:
-        module = self.module
+    def compose(self) -> None:
+        """Fold the installed layers into what each call uses, once per install or removal
+        rather than once per call. Raises BadInput (changing nothing) when they do not
+        compose."""
         out_mask = in_mask = None
         sinks = None
         for layer in self.layers:
             out_mask = _both(out_mask, layer.out_mask)
             in_mask = _both(in_mask, layer.in_mask)
             sinks = layer.sinks or sinks
-        weight = module.weight.t() if self.transposed else module.weight
-        backend = self.layers[-1].backend
-        batched = any(m is not None and m.dim() == 2 for m in (out_mask, in_mask))
-        if batched and x.dim() == 3 and x.shape[0] == 1:
+        self.out_mask, self.in_mask, self.sinks = out_mask, in_mask, sinks
+        self.backend = self.layers[-1].backend if self.layers else "auto"
+        self.batched = any(m is not None and m.dim() == 2 for m in (out_mask, in_mask))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.batched and x.dim() == 3 and x.shape[0] == 1:
             # One packed sequence holds every image of the batch (Pixtral): the blocks of a
             # batch of masks follow each other along it.
             return self(x[0])[None]
+        module = self.module
+        weight = module.weight.t() if self.transposed else module.weight
+        sinks = self.sinks
         sink = sinks.open(x) if sinks is not None else None
-        y = ops.masked_linear(x, weight, module.bias, out_mask, in_mask, sink, backend=backend)
+        y = ops.masked_linear(
+            x, weight, module.bias, self.out_mask, self.in_mask, sink, backend=self.backend
+        )
         if sinks is not None:
             sinks.opened(x, y, sink)
         return y
@@ -158,20 +168,23 @@ def route(site: Site, layer: RouteLayer) -> Callable[[], None]:
     current = _ROUTES.get(module)
     if current is None:
         current = Route(module, site.transposed)
-    out_mask = in_mask = None
-    for other in [*current.layers, layer]:
-        out_mask = _both(out_mask, other.out_mask)
-        in_mask = _both(in_mask, other.in_mask)
-    if layer.sinks is not None and any(other.sinks for other in current.layers):
+    if layer.sinks is not None and current.sinks is not None:
         raise BadInput(f"{site.name} is already being scored")
-    if not current.layers:
+    current.layers.append(layer)
+    try:
+        current.compose()
+    except BaseException:
+        current.layers.pop()
+        current.compose()
+        raise
+    if len(current.layers) == 1:
         _ROUTES[module] = current
         # An instance attribute shadows the class's forward; deleting it restores the original.
         module.forward = current
-    current.layers.append(layer)
 
     def remove() -> None:
         current.layers.remove(layer)
+        current.compose()
         if not current.layers:
             del module.forward
             _ROUTES.pop(module, None)

@@ -143,33 +143,97 @@ def data_fingerprint(samples: Sequence[Sample]) -> str:
     return digest.hexdigest()[:16]
 
 
-class _SiteTotals:
-    """Running per-channel sums over samples for one site, in float64."""
+def _on(t: Tensor, device: torch.device) -> Tensor:
+    return t if t.device == device else t.to(device)
 
-    def __init__(self, channels: int) -> None:
-        self.n = 0
-        self.s = torch.zeros(channels, dtype=torch.float64)
-        self.s2 = torch.zeros(channels, dtype=torch.float64)
-        self.act = torch.zeros(channels, dtype=torch.float64)
-        self.grad = torch.zeros(channels, dtype=torch.float64)
 
-    def add(self, sums: Tensor, counts: Tensor) -> None:
-        # A sample with no row at this site (no token routed to an expert) has no S.
-        seen = (counts > 0).cpu()
-        means = (sums.double() / counts.double().clamp_min(1)[:, None, None]).cpu()[seen]
-        s = means[:, 0]
-        self.n += s.shape[0]
-        self.s += s.sum(0)
-        self.s2 += (s * s).sum(0)
-        self.act += means[:, 1].sum(0)
-        self.grad += means[:, 2].sum(0)
+class _Totals:
+    """Running per-channel sums over samples for every site of a run, in float64.
 
-    def result(self) -> tuple[Tensor, dict[str, Tensor]]:
-        n = max(self.n, 1)
-        mean = self.s / n
-        std = (self.s2 / n - mean * mean).clamp_min(0).sqrt()
-        stats = {"std": std.float(), "act": (self.act / n).float(), "grad": (self.grad / n).float()}
-        return mean.float(), stats
+    A batch's per-sample sums wait in :meth:`add` until :meth:`flush` folds them in. The sites
+    of one width share one table, so a batch costs a few tensor ops per width rather than per
+    site (a run scores every FFN of a model: most of a small batch's bookkeeping was this). The
+    tables stay on the device the sums come from (float64 permitting) and folding has no
+    data-dependent step, so scoring never waits on the device between batches; the one copy to
+    the host is in :meth:`results`.
+    """
+
+    def __init__(self, sites: Sequence[Site]) -> None:
+        self.slot: dict[str, tuple[int, int]] = {}  # site -> (its width, its row in that table)
+        widths: dict[int, int] = {}
+        for site in sites:
+            self.slot[site.name] = (site.channels, widths.get(site.channels, 0))
+            widths[site.channels] = widths.get(site.channels, 0) + 1
+        self.widths = widths
+        # width -> samples seen [S], per-sample means of S, |a|, |g| summed [S, 3, C], and
+        # per-sample means of S, squared, summed [S, C]
+        self.tables: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        self.pending: list[tuple[str, Tensor, Tensor]] = []
+        self.index: dict[tuple, Tensor] = {}  # table rows of a batch's layout, reused
+
+    def add(self, site: str, sums: Tensor, counts: Tensor) -> None:
+        """Per-sample sums ``[B, 3, C]`` of ``site`` over ``counts`` ``[B]`` rows each."""
+        self.pending.append((site, sums, counts))
+
+    def _table(self, width: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        if width not in self.tables:
+            device = device if device.type != "mps" else torch.device("cpu")
+            sites, f64 = self.widths[width], torch.float64
+            self.tables[width] = (
+                torch.zeros(sites, dtype=torch.int64, device=device),
+                torch.zeros(sites, 3, width, dtype=f64, device=device),
+                torch.zeros(sites, width, dtype=f64, device=device),
+            )
+        return self.tables[width]
+
+    def flush(self) -> None:
+        """Fold the pending sums in: one stack per (width, samples), and a site called twice in
+        one batch lands in a later round, so each ``index_add_`` meets distinct rows (its result
+        then does not depend on the order a device adds in)."""
+        groups: dict[tuple[int, int, int], list[tuple[int, Tensor, Tensor]]] = {}
+        calls: dict[str, int] = {}
+        for site, sums, counts in self.pending:
+            width, row = self.slot[site]
+            turn = calls[site] = calls.get(site, -1) + 1
+            groups.setdefault((width, sums.shape[0], turn), []).append((row, sums, counts))
+        self.pending.clear()
+        for (width, _, _), items in groups.items():
+            n, means_sum, s2 = self._table(width, items[0][1].device)
+            device = means_sum.device
+            # [I, B, 3, C] and [I, B]; a model spread over devices sends its sums here
+            sums = torch.stack([_on(s, device) for _, s, _ in items])
+            counts = torch.stack([_on(c, device) for _, _, c in items])
+            # A sample with no row at a site (no token routed to an expert) has no S. Nothing
+            # was added to its sums, so it adds exactly 0 below; it is just not counted.
+            means = sums.double() / counts.clamp_min(1).double()[..., None, None]
+            key = (width, *(row for row, _, _ in items))
+            index = self.index.get(key)
+            if index is None:
+                index = self.index[key] = torch.tensor(key[1:], device=device)
+            n.index_add_(0, index, (counts > 0).sum(1))
+            means_sum.index_add_(0, index, means.sum(1))
+            s2.index_add_(0, index, means[:, :, 0].square().sum(1))
+
+    def results(self) -> dict[str, tuple[Tensor, dict[str, Tensor]]]:
+        """Per site, ``I`` and its statistics: float32 on the host, a tensor of its own each."""
+        per_width = {}
+        for width, (n, means_sum, s2) in self.tables.items():
+            n = n.cpu().clamp_min(1).double()[:, None]
+            totals = means_sum.cpu() / n[:, :, None]
+            mean = totals[:, 0]
+            std = (s2.cpu() / n - mean * mean).clamp_min(0).sqrt()
+            # unbind: one call gives every site's row; each is cloned so no two share storage.
+            per_width[width] = [
+                t.float().unbind(0) for t in (mean, std, totals[:, 1], totals[:, 2])
+            ]
+        out = {}
+        for site, (width, row) in self.slot.items():
+            if width in per_width:
+                mean, std, act, grad = (rows[row].clone() for rows in per_width[width])
+            else:  # no batch reached this site
+                mean, std, act, grad = (torch.zeros(width) for _ in range(4))
+            out[site] = mean, {"std": std, "act": act, "grad": grad}
+        return out
 
 
 @dataclass(frozen=True)
@@ -190,6 +254,7 @@ class SampleRows:
     steps: int
     valid: Tensor | None
     owner: Tensor | None = None
+    counted: dict[torch.device, Tensor] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, lead: torch.Size, batch: Batch | None, stream: str | None) -> SampleRows:
@@ -207,10 +272,16 @@ class SampleRows:
         return cls(samples, steps, valid)
 
     def counts(self, device: torch.device) -> Tensor:
-        """The number of real rows of each group."""
-        if self.valid is not None:
-            return self.valid.sum(1).to(device)
-        return torch.full((self.samples,), self.steps, device=device)
+        """The number of real rows of each group (computed once per device: the sites of a
+        batch share their SampleRows)."""
+        counts = self.counted.get(device)
+        if counts is None:
+            if self.valid is not None:
+                counts = self.valid.sum(1).to(device)
+            else:
+                counts = torch.full((self.samples,), self.steps, device=device)
+            self.counted[device] = counts
+        return counts
 
 
 @dataclass(frozen=True)
@@ -353,9 +424,10 @@ class _Collector:
         self.sites = list(sites)
         self.alpha = alpha
         self.backend = backend
-        self.totals = {s.name: _SiteTotals(s.channels) for s in sites}
+        self.totals = _Totals(sites)
         self.batch: Batch | None = None
         self.images: ImageRows | None = None
+        self.known_rows: dict[tuple, SampleRows] = {}
         self.removers: list = []
 
     def __enter__(self) -> _Collector:
@@ -366,14 +438,28 @@ class _Collector:
             remove()
         self.removers.clear()
 
+    def start_batch(self, batch: Batch, images: ImageRows | None) -> None:
+        """Called before each batch's forward pass."""
+        self.batch = batch
+        self.images = images
+        self.known_rows.clear()
+
     def rows(self, site: Site, lead: torch.Size) -> SampleRows:
-        batch = self.batch
-        if self.images is not None and site.component in ("vision", "projector"):
-            # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
-            return self.images.split(site, lead)
-        rows = SampleRows.of(lead, batch, site.stream)
-        routed = getattr(site.module, "routed_rows", None)
-        if routed is not None and lead.numel() == site.module.routed_total:
+        # Every site of a batch with the same leading shape and stream splits alike: decided
+        # once per batch, not once per call.
+        vision = self.images is not None and site.component in ("vision", "projector")
+        key = (vision, lead, None if vision else site.stream)
+        rows = self.known_rows.get(key)
+        if rows is None:
+            if vision:
+                # Packed (Qwen-VL, Pixtral) or tiled (LLaVA-NeXT, InternVL, ...) image rows.
+                rows = self.images.split(site, lead)
+            else:
+                rows = SampleRows.of(lead, self.batch, site.stream)
+            self.known_rows[key] = rows
+        # Only an expert view has the attribute; a Linear would raise and catch to say so.
+        routed = site.module.__dict__.get("routed_rows")
+        if not vision and routed is not None and lead.numel() == site.module.routed_total:
             # An expert (canfast.adapters.views) runs over every row of the batch while it is
             # watched, but only the rows its router picked count, each in its own sample.
             mask = torch.zeros(lead.numel(), dtype=torch.bool, device=routed.device)
@@ -390,7 +476,7 @@ class _Collector:
             size = self.batch.size if self.batch is not None else int(owner.max()) + 1
             sums = sums.new_zeros(size, *sums.shape[1:]).index_add_(0, owner, sums)
             counts = counts.new_zeros(size).index_add_(0, owner, counts)
-        self.totals[site.name].add(sums, counts)
+        self.totals.add(site.name, sums, counts)
 
     def reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
         """Score one activation and its gradient with the ``score_accumulate`` op."""
@@ -455,6 +541,7 @@ class _HookCollector(_Collector):
         for site, a in list(self.pending.values()):
             self.reduce(site, a, torch.zeros_like(a))
         self.pending.clear()
+        self.totals.flush()
 
 
 @dataclass(eq=False)
@@ -473,12 +560,13 @@ class _SiteSinks:
     def __init__(self, collector: _FusedCollector, site: Site) -> None:
         self.collector = collector
         self.site = site
+        self.unit = site.unit
 
     def open(self, x: Tensor) -> ops.ScoreSink:
         rows = self.collector.rows(self.site, x.shape[:-1])
         channels = self.site.channels
         out = torch.zeros(rows.samples, 3, channels, dtype=torch.float32, device=x.device)
-        sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.site.unit)
+        sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.unit)
         self.collector.calls.append(_Call(self.site, rows, sink))
         return sink
 
@@ -486,7 +574,7 @@ class _SiteSinks:
         call = self.collector.calls[-1]
         # Kept only for a call whose output the loss never uses, scored then with g = 0 (as the
         # hook path does); dropped as soon as the gradient arrives, so the backward frees it.
-        call.activation = (y if self.site.unit == "out" else x).detach()
+        call.activation = (y if self.unit == "out" else x).detach()
 
         def arrived(grad: Tensor) -> None:
             call.activation = None
@@ -519,6 +607,7 @@ class _FusedCollector(_Collector):
             else:
                 self.add(call.site, call.sink.out, call.rows)
         self.calls.clear()
+        self.totals.flush()
 
 
 PATHS = ("auto", "fused", "hooks")
@@ -592,17 +681,19 @@ def score(
         check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
     trainable = [p.requires_grad for p in model.hf.parameters()]
     model.hf.requires_grad_(False)
-    seen = [0, 0.0]  # target tokens, sum of |loss|
+    # Target tokens and the sum of |loss|, kept as tensors on the model's device and read
+    # once at the end: reading them per batch would make the host wait for each forward pass.
+    tokens: Tensor | int = 0
+    loss: Tensor | float = 0.0
     try:
         with collector_class(chosen, alpha, backend) as collector, torch.enable_grad():
             bar = tqdm(total=len(samples), desc="scoring", unit="sample", disable=not progress)
             for chunk in batches(samples, batch_size):
                 batch = model.encode(chunk).to(model.device)
-                collector.batch = batch
-                collector.images = image_rows(model, batch)
+                collector.start_batch(batch, image_rows(model, batch))
                 losses = loss_fn(model.forward(batch), batch)
-                seen[0] += int(batch.target_mask.sum())
-                seen[1] += float(losses.detach().abs().sum())
+                tokens = tokens + batch.target_mask.sum()
+                loss = loss + losses.detach().abs().sum()
                 total = losses.sum()
                 if total.requires_grad:
                     total.backward()
@@ -613,9 +704,10 @@ def score(
         for p, flag in zip(model.hf.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
     values, stats = {}, {}
+    results = collector.totals.results()
     for site in chosen:
-        values[site.name], stats[site.name] = collector.totals[site.name].result()
-    check_signal(values, objective is None, *seen)
+        values[site.name], stats[site.name] = results[site.name]
+    check_signal(values, objective is None, int(tokens), float(loss))
     meta = {
         "alpha": repr(alpha),
         "unit": unit,

@@ -303,6 +303,20 @@ def test_masked_linear_backward(backend, dtype, transposed) -> None:
         assert w.grad is None, "the weights are frozen: masked_linear gives dL/dx only"
 
 
+@pytest.mark.parametrize("backend", ["cpp:avx2", "triton"], indirect=True)
+def test_masked_linear_second_derivative_raises(backend) -> None:
+    """backward(create_graph=True) still gives dL/dx, and a use of the second derivative (which
+    the kernels cannot give) raises instead of answering wrongly."""
+    x = randn(4, 3, 45, dtype=torch.float32).requires_grad_()
+    w = randn(29, 45, dtype=torch.float32, scale=0.15)
+    y = ops.masked_linear(x, w, backend=backend)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    want = (2 * y.detach().double().reshape(12, -1)) @ w.double()
+    assert_close(dx.detach(), want.reshape(x.shape), TOL[torch.float32], "dx")
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        dx.sum().backward()
+
+
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3])
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
 @pytest.mark.parametrize("unit", ["out", "mid"])
@@ -444,6 +458,54 @@ def test_ablate_expand_conv1d_weight(backend) -> None:
         [y.double() - mid.double()[..., j, None] * w_kn.double()[j] for j in (0, 39, 7)]
     )
     assert_close(got, want, TOL[torch.float32], "ablate conv1d")
+
+
+@pytest.mark.parametrize("backend", ["cpp:scalar", "cpp:avx2", "cpp:avx512"], indirect=True)
+def test_cpp_passes_split_over_threads(backend, monkeypatch) -> None:
+    """Every cpp pass gives the reference's answer when it is split over several threads (the
+    sizes that do so in use are too large for a test, so the split is forced)."""
+    import canfast.ops.cpp as cpp
+
+    monkeypatch.setattr(cpp, "_ELEMENTS_PER_THREAD", 64)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        a, g = randn(4, 65, 257), randn(4, 65, 257, scale=1e-2)
+        assert cpp._threads(a.numel()) == 3
+        valid = torch.rand(4, 65) > 0.3
+        before = torch.randn(4, 3, 257)
+        out = ops.score_accumulate(a, g, 0.37, before.clone(), valid, backend=backend)
+        assert_increment(out, before, score_truth(a, g, 0.37, valid), SUM_TOL, "score")
+
+        samples, steps, k, n = 4, 30, 48, 40
+        x = randn(samples, steps, k).requires_grad_()
+        w = randn(n, k, scale=0.2)
+        om, im = _mask(2, n), _mask(4, k)
+        sink = ops.ScoreSink(0.5, torch.zeros(samples, 3, k), valid[:, :steps], "mid")
+        y = ops.masked_linear(x, w, None, om, im, sink, backend=backend)
+        rows = samples * steps
+        want_y = linear_truth(x.detach().reshape(rows, k), w, None, om, im)
+        assert_close(y.reshape(rows, n), want_y, TOL[torch.float32], "y")
+        grad_y = randn(*y.shape, scale=1e-2)
+        y.backward(grad_y)
+        want_dx = (grad_y.double().reshape(rows, n) * block_rows(om.double(), rows)) @ w.double()
+        want_dx = (want_dx * block_rows(im.double(), rows)).reshape(x.shape)
+        assert_close(x.grad, want_dx, TOL[torch.float32], "dx")
+        want = score_truth(x.detach(), x.grad, 0.5, valid[:, :steps])
+        assert_increment(sink.out, torch.zeros(samples, 3, k), want, SUM_TOL, "mid sums")
+
+        mid = randn(samples, steps, k)
+        neurons = torch.tensor([0, 5, 47, 12])
+        got = ops.ablate_expand(y.detach(), neurons, mid, w, backend=backend)
+        want = torch.stack(
+            [y.double() - mid.double()[..., j, None] * w.double()[:, j] for j in (0, 5, 47, 12)]
+        )
+        assert_close(got, want, TOL[torch.float32], "ablate mid")
+        got = ops.ablate_expand(y.detach(), neurons[:2], backend=backend)
+        assert torch.equal(got[1, ..., 5], torch.zeros(samples, steps))
+        assert torch.equal(got[1, ..., :5], y.detach()[..., :5])
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ----------------------------------------------------------------------------------------------

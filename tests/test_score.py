@@ -445,3 +445,48 @@ def test_check_model_refuses_other_models(llava_scores, make_model):
     wrong_width = Scores({"language.0.up": torch.zeros(tm.FFN + 1)})
     with pytest.raises(BadInput, match="does not exist"):
         wrong_width.check_model(model)
+
+
+def test_running_totals_per_call_and_sample():
+    """The totals of a run, folded per site width, equal the per-sample means taken one call at
+    a time: a site called twice in one batch counts each call's samples, and a sample with no
+    row at a site (an expert no token was routed to) is not counted."""
+    from types import SimpleNamespace
+
+    from canfast.score import _Totals
+
+    sites = [SimpleNamespace(name=n, channels=c) for n, c in (("a", 5), ("b", 5), ("c", 3))]
+    totals = _Totals(sites)
+    g = torch.Generator().manual_seed(0)
+    calls = []  # (site, sums [B, 3, C], counts [B]) as one batch, then a second batch
+    for _ in range(2):  # two batches
+        for name, channels, counts in (
+            ("a", 5, [4, 2]),
+            ("b", 5, [3, 0]),
+            ("a", 5, [1, 5]),  # a second call of site a in the same batch
+            ("c", 3, [2, 2]),
+        ):
+            counts = torch.tensor(counts)
+            sums = torch.rand(2, 3, channels, generator=g) * (counts > 0)[:, None, None]
+            calls.append((name, sums, counts))
+            totals.add(name, sums, counts)
+        totals.flush()
+    results = totals.results()
+    for site in sites:
+        means = [
+            s[i].double() / k[i]
+            for name, s, k in calls
+            if name == site.name
+            for i in range(2)
+            if k[i] > 0
+        ]
+        per_sample = torch.stack(means)  # [samples seen, 3, C]
+        mean, stats = results[site.name]
+        want = per_sample.mean(0)
+        torch.testing.assert_close(mean, want[0].float())
+        torch.testing.assert_close(stats["act"], want[1].float())
+        torch.testing.assert_close(stats["grad"], want[2].float())
+        torch.testing.assert_close(stats["std"], per_sample[:, 0].std(0, correction=0).float())
+    assert (
+        results["a"][0].untyped_storage().data_ptr() != results["b"][0].untyped_storage().data_ptr()
+    )

@@ -222,7 +222,8 @@ def _masked_linear_backward_impl(
     backend: str,
 ) -> Tensor:
     kernels = by_name(backend)
-    grad_y = grad_y.to(weight.dtype)
+    if grad_y.dtype != weight.dtype:
+        grad_y = grad_y.to(weight.dtype)
     feed = None
     if sink_out is not None:
         samples = sink_out.shape[0]
@@ -294,25 +295,37 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 class _MaskedLinearFunction(torch.autograd.Function):
-    """The eager face of the same op: the formula above, without the dispatcher's round trip."""
+    """The eager face of the same op: the formula above, without the dispatcher's round trip.
+    The options that are not tensors travel as one tuple: autograd walks every argument of a
+    Function on each call and wants an answer per argument back."""
 
     @staticmethod
-    def forward(ctx, *inputs) -> Tensor:
+    def forward(ctx, x, weight, bias, out_mask, in_mask, sink_out, sink_valid, options) -> Tensor:
+        inputs = (x, weight, bias, out_mask, in_mask, sink_out, sink_valid, *options)
         output = _masked_linear_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-        return _backward(ctx, grad_y)
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): the kernels are not differentiable, so any use of a
+            # second derivative must raise. once_differentiable does that, and costs a fifth
+            # of a small layer's backward, so it runs only here.
+            return _backward_once(ctx, grad_y)
+        return _backward(ctx, grad_y)[:8]
+
+
+@once_differentiable
+def _backward_once(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    return _backward(ctx, grad_y)[:8]
 
 
 def _masked_linear(*inputs) -> Tensor:
     if torch.compiler.is_compiling():
         return _masked_linear_op(*inputs)
     if torch.is_grad_enabled() and inputs[0].requires_grad:
-        return _MaskedLinearFunction.apply(*inputs)
+        return _MaskedLinearFunction.apply(*inputs[:7], inputs[7:])
     return _masked_linear_impl(*inputs)
 
 
@@ -350,7 +363,8 @@ def masked_linear(
     chosen = kernels_for(backend, "masked_linear", x).name
     om = _canonical_mask(out_mask, "out_mask", x, n_out)
     im = _canonical_mask(in_mask, "in_mask", x, n_in)
-    bias = bias.to(x.dtype) if bias is not None else None
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, n_in)
     # Only x's gradient is ever computed: weights requiring grad do not make a graph.

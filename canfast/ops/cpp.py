@@ -29,15 +29,19 @@ except ImportError:  # not built: the dispatcher falls back to the torch referen
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-# Below this many elements a pass takes microseconds, less than waking a thread team costs, and
-# a team waiting on a core that another process holds stalls for a scheduler slice.
-_PARALLEL_MIN_ELEMENTS = 1 << 18
+# Elements per thread of a pass. Every pass here streams memory once, so a thread that reads
+# about 4 MiB of fp32 (a millisecond or less) gains little from a helper, and loses much when the
+# helper's core is held by another process: the team then waits at the region's end for a
+# scheduler slice, several times the pass itself. Torch's GEMMs around the pass face that risk
+# already; a score pass should not add one per site for a gain of a fraction of a millisecond.
+# Large passes (7B-model sites: tens of millions of elements) still get a thread per 1M.
+_ELEMENTS_PER_THREAD = 1 << 20
 
 
 def _threads(elements: int) -> int:
-    """Threads for a pass over ``elements`` values: torch's setting (so torch.set_num_threads
-    governs both halves of masked_linear), or one for a small pass."""
-    return 1 if elements < _PARALLEL_MIN_ELEMENTS else torch.get_num_threads()
+    """Threads for a pass over ``elements`` values: one per ``_ELEMENTS_PER_THREAD``, at most
+    torch's setting (so torch.set_num_threads governs both halves of masked_linear)."""
+    return max(1, min(torch.get_num_threads(), elements // _ELEMENTS_PER_THREAD))
 
 
 def _unit_channels(t: Tensor) -> Tensor:
