@@ -1,12 +1,19 @@
 """Ahead-of-time compile matrix of the Triton kernels for A100 (sm_80) and H100 (sm_90).
 
-    python bench/aot.py                          # the full matrix (hours on 2 cores)
+    python bench/aot.py --full                   # the full matrix (hours on 2 cores)
+    python bench/aot.py --subset heavy --resources   # the rows the autotuners prune by
     python bench/aot.py --subset variants        # every variant on every arch, configs dealt
     python bench/aot.py --before                 # also the configs main shipped before issue 12
 
 Runs :mod:`canfast.kernels.report` (no GPU needed) and writes ``bench/results/aot.json`` and
 ``bench/results/aot.md`` (atomically): one row per compiled kernel with its registers, spills,
-stack, shared memory, tensor-core instructions and predicted warps per SM. ``--before`` adds
+stack, shared memory, tensor-core instructions and predicted warps per SM.
+
+``--full`` compiles every config x dtype x variant x arch instead, appending each row to a log
+as it is ready (``--log``; a rerun skips the rows already there, so the matrix can be run in
+parts, e.g. ``--dtypes bf16,fp16``), and writes the summary ``bench/results/aot_full.md`` and the
+rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those two from
+the log). ``--before`` adds
 ``aot_before_after.md``: the worst row of each ``masked_linear`` and ``score_accumulate`` config
 over a few heavy variants, for the configs on main before and after.
 ``bench/roofline_triton.py`` turns ``aot.json`` into the tables of ``bench/roofline_triton.md``.
@@ -20,7 +27,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import triton
@@ -162,9 +169,187 @@ def before_after(workers: int | None) -> str:
     return "\n".join(out) + "\n"
 
 
+FULL_LOG = Path(__file__).resolve().parent / "results" / "aot_full.log.jsonl"
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["kernel"], row["arch"], row["dtype"], row["variant"], row["config"])
+
+
+def _job_key(job: report.Job) -> tuple:
+    aot = report.spec(job.module)
+    label = aot.dtype_constexprs(job.dtype)[job.choice][0]
+    config = report.config_label(aot.configs_for(label)[job.config])
+    name = aot.variants[job.variant].name
+    return (report.kernel_name(job.module), job.arch, label, name, config)
+
+
+def full_jobs(modules: list[str], dtypes: list[str]) -> list[report.Job]:
+    """Every compile of the full matrix, grouped so that a stopped run leaves whole (kernel,
+    dtype, arch) cells: the small kernels first, then dtype, arch, config and variant."""
+    jobs = [job for m in modules for job in report.jobs_for(m, list(report.ARCHS), "full", dtypes)]
+    size = {m: len(report.spec(m).variants) for m in modules}
+    return sorted(
+        jobs,
+        key=lambda j: (size[j.module], j.module, dtypes.index(j.dtype), j.choice, j.arch,
+                       j.config, j.variant),
+    )  # fmt: skip
+
+
+def read_log(log: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of a full-matrix log (the last one of a key wins) and its run records."""
+    rows: dict[tuple, dict] = {}
+    runs = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short when a run was stopped
+            if "run" in record:
+                runs.append(record["run"])
+            else:
+                rows[_row_key(record)] = record
+    return list(rows.values()), runs
+
+
+def run_full(modules: list[str], dtypes: list[str], workers: int | None, log: Path) -> None:
+    """Compile the full matrix into ``log``, one JSON line per row, skipping rows present."""
+    done = {_row_key(r) for r in read_log(log)[0]}
+    jobs = [j for j in full_jobs(modules, dtypes) if _job_key(j) not in done]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        start = {
+            "started": time.time(), "compiles": len(jobs), "skipped": len(done),
+            "kernels": [report.kernel_name(m) for m in modules], "dtypes": dtypes,
+            "workers": workers or os.cpu_count(), "cpus": os.cpu_count(),
+            "triton": triton.__version__,
+        }  # fmt: skip
+        f.write(json.dumps({"run": start}) + "\n")
+        f.flush()
+        for row in report.run_iter(jobs, workers):
+            f.write(json.dumps({**asdict(row), "finished": round(time.time(), 1)}) + "\n")
+            f.flush()
+
+
+FULL_COLUMNS = (
+    "kernel", "arch", "dtype", "variant", "config", "num_warps", "num_stages", "registers",
+    "spill_stores", "spill_loads", "stack", "shared", "shared_limit", "mma_sync", "wgmma",
+    "warps_per_sm", "compile_s",
+)  # fmt: skip
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def write_full_summary(log: Path) -> None:
+    """``aot_full.md`` (per kernel, arch and dtype, then per config) and ``aot_full.json`` (the
+    rows as lists under their column names) from the full matrix's log."""
+    rows, runs = read_log(log)
+    expected = {_job_key(j): j for j in full_jobs(list(report.KERNEL_MODULES), list(report.DTYPES))}
+    rows = [r for r in rows if _row_key(r) in expected]  # configs no longer shipped drop out
+    order = {key: i for i, key in enumerate(expected)}
+    rows.sort(key=lambda r: order[_row_key(r)])
+    names = [f.name for f in fields(report.Row)]
+    parsed = [report.Row(**{n: r[n] for n in names if n in r}) for r in rows]
+    # Wall time: from each run's start to its last row (a run may have been stopped).
+    wall = 0.0
+    for i, run in enumerate(runs):
+        end = runs[i + 1]["started"] if i + 1 < len(runs) else float("inf")
+        done = [r["finished"] for r in rows if run["started"] <= r.get("finished", 0) < end]
+        wall += (max(done) - run["started"]) if done else 0.0
+    cells: dict[tuple, list[report.Row]] = {}
+    for row in parsed:
+        cells.setdefault((row.kernel, row.arch, row.dtype), []).append(row)
+    want: dict[tuple, int] = {}
+    for kernel, arch, dtype, _, _ in expected:
+        want[kernel, arch, dtype] = want.get((kernel, arch, dtype), 0) + 1
+    bad = [r for r in parsed if r.problems]
+    lines = [
+        f"# Full ahead-of-time compile matrix (Triton {triton.__version__})",
+        "",
+        f"{len(parsed)} of {len(expected)} compiles (every autotune config x dtype x launcher "
+        f"variant x arch of every kernel) in {wall / 3600:.2f} h of wall time on "
+        f"{runs[-1]['cpus'] if runs else os.cpu_count()} shared CPU cores "
+        f"({len(runs)} run(s) of `python bench/aot.py --full`, Triton's compile cache in use). "
+        f"{len(bad)} rows with problems (spills, shared memory over the arch's limit, or a "
+        "bf16/fp16/TF32 dot without tensor-core instructions).",
+        "",
+        "Per kernel, arch and dtype: the compiles done of those expected, the configs the "
+        "launcher runs for that dtype, the range over every config and variant of registers, "
+        "shared memory and predicted warps per SM, the rows that spill, and the tensor-core "
+        "instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90; the "
+        "smallest count of any row). `fp32` is IEEE float32 (CUDA-core FMA dots), `fp32-tf32` "
+        "float32 with TF32 dots.",
+        "",
+        "| kernel | arch | dtype | compiled | configs | regs | spilling rows | max spill st/ld (B) "
+        "| shared KB (limit) | tensor core | warps/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch, dtype), count in want.items():
+        got = cells.get((kernel, arch, dtype), [])
+        if not got:
+            lines.append(f"| {kernel} | {arch} | {dtype} | 0 / {count} | | | | | | | |")
+            continue
+        spilling = [r for r in got if r.spill_stores or r.spill_loads]
+        worst = max(got, key=lambda r: r.spill_stores + r.spill_loads)
+        op = report.ARCHS[arch].tensor_core_op
+        tc = [r.wgmma if op.startswith("wgmma") else r.mma_sync for r in got]
+        tc_cell = (
+            f"{op.split('.')[0]} >= {min(tc)}"
+            if min(tc)
+            else ("-" if not max(tc) else f"missing in {tc.count(0)}")
+        )
+        lines.append(
+            f"| {kernel} | {arch} | {dtype} | {len(got)} / {count} | "
+            f"{len({r.config for r in got})} | {_span([r.registers for r in got])} | "
+            f"{len(spilling)} | {worst.spill_stores}/{worst.spill_loads} | "
+            f"{_span([round(r.shared / 1024) for r in got])} ({got[0].shared_limit // 1024}) | "
+            f"{tc_cell} | {_span([r.warps_per_sm for r in got])} |"
+        )
+    lines += [
+        "",
+        "Per config (over every variant of the launcher):",
+        "",
+        "| kernel | arch | dtype | config | variants | regs | spill st/ld max (B) | shared KB "
+        "| tensor core | warps/SM | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    configs: dict[tuple, list[report.Row]] = {}
+    for row in parsed:
+        configs.setdefault((row.kernel, row.arch, row.dtype, row.config), []).append(row)
+    for (kernel, arch, dtype, config), got in configs.items():
+        op = report.ARCHS[arch].tensor_core_op
+        tc = [r.wgmma if op.startswith("wgmma") else r.mma_sync for r in got]
+        worst = max(got, key=lambda r: r.spill_stores + r.spill_loads)
+        problems = sorted({p.split(" ")[0] for r in got for p in r.problems})
+        lines.append(
+            f"| {kernel} | {arch} | {dtype} | {config} | {len(got)} | "
+            f"{_span([r.registers for r in got])} | {worst.spill_stores}/{worst.spill_loads} | "
+            f"{_span([round(r.shared / 1024) for r in got])} | "
+            f"{_span(tc) if max(tc) else '-'} | {_span([r.warps_per_sm for r in got])} | "
+            f"{', '.join(problems) or 'ok'} |"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    write_atomic(RESULTS / "aot_full.md", "\n".join(lines) + "\n")
+    body = ",\n".join(json.dumps([r[c] for c in FULL_COLUMNS]) for r in rows)
+    meta = {"triton": triton.__version__, "compiles": len(rows), "expected": len(expected),
+            "wall_s": round(wall, 1), "runs": runs, "columns": list(FULL_COLUMNS)}  # fmt: skip
+    head = json.dumps(meta, indent=1)[:-2]
+    write_atomic(RESULTS / "aot_full.json", head + ',\n "rows": [\n' + body + "\n ]\n}\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", choices=report.SUBSETS, default="full")
+    parser.add_argument("--subset", choices=report.SUBSETS, default="heavy")
+    parser.add_argument("--full", action="store_true", help="the full matrix, into --log")
+    parser.add_argument("--summary", action="store_true", help="only summarize --log")
+    parser.add_argument("--log", type=Path, default=FULL_LOG, help="the full matrix's row log")
+    parser.add_argument("--dtypes", default=",".join(report.DTYPES))
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
     parser.add_argument("--jobs", type=int, default=0)
     parser.add_argument("--before", action="store_true", help="also write the before/after table")
@@ -176,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = {k for k in args.kernels.split(",") if k}
     modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
+    if args.full or args.summary:
+        if args.full:
+            run_full(modules, report.parse_dtypes(args.dtypes), args.jobs or None, args.log)
+        write_full_summary(args.log)
+        return 0
     archs = list(report.ARCHS)
     started = time.perf_counter()
     jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset)]
