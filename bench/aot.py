@@ -3,7 +3,7 @@
     python bench/aot.py --full                   # the full matrix (hours on 2 cores)
     python bench/aot.py --subset heavy --resources   # the rows the autotuners prune by
     python bench/aot.py --subset variants        # every variant on every arch, configs dealt
-    python bench/aot.py --before                 # also the configs main shipped before issue 12
+    python bench/aot.py --before                 # the configs main shipped before issue 12
 
 Runs :mod:`canfast.kernels.report` (no GPU needed) and writes ``bench/results/aot.json`` and
 ``bench/results/aot.md`` (atomically): one row per compiled kernel with its registers, spills,
@@ -13,9 +13,9 @@ stack, shared memory, tensor-core instructions and predicted warps per SM.
 as it is ready (``--log``; a rerun skips the rows already there, so the matrix can be run in
 parts, e.g. ``--dtypes bf16,fp16``), and writes the summary ``bench/results/aot_full.md`` and the
 rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those two from
-the log). ``--before`` adds
-``aot_before_after.md``: the worst row of each ``masked_linear`` and ``score_accumulate`` config
-over a few heavy variants, for the configs on main before and after.
+the log). ``--before`` writes only ``aot_before_after.md``: the worst row of each
+``masked_linear`` and ``score_accumulate`` config over a few heavy variants, for the configs on
+main before issue 12 and now.
 ``bench/roofline_triton.py`` turns ``aot.json`` into the tables of ``bench/roofline_triton.md``.
 """
 
@@ -70,16 +70,17 @@ BEFORE = {
     ],
 }
 
-# The variants of the before/after table: the heaviest epilogue of each direction.
+# The variants of the before/after table: the heaviest epilogue of each direction (both in the
+# kernels' heavy lists, so the "after" rows come from the compile cache of the resource run).
 BEFORE_AFTER_VARIANTS = {
     "canfast.kernels.masked_linear": (
         "fwd bias in=2 out=2",
-        "fwd in=0 out=2",
         "bwd in=2 out=2 score valid alpha=3",
     ),
     "canfast.kernels.score_accumulate": ("valid alpha=3", "valid alpha=1"),
 }
-BEFORE_AFTER_DTYPES = ("bf16", "fp32")
+# (dtype, choice): bf16, IEEE float32 and, where the kernel has it, TF32 float32.
+BEFORE_AFTER_DTYPES = (("bf16", 0), ("fp32", 0), ("fp32", 1))
 
 
 RESOURCES = Path(__file__).resolve().parent.parent / "kernels" / "_resources.py"
@@ -90,11 +91,16 @@ def resource_table(rows: list[report.Row]) -> str:
     memory any compiled variant needs, whether any of them spills)."""
     from canfast.kernels._resources import RESOURCES
 
-    # The kernels compiled in this run replace their entries; the others are kept.
+    # The (kernel, dtype) pairs compiled in this run replace their entries; the others are kept
+    # while their config is still shipped.
+    compiled = {(row.kernel, row.dtype) for row in rows}
     table = {
-        kernel: {(key + ("",))[:4]: value for key, value in entries.items()}
+        kernel: {
+            key: value
+            for key, value in entries.items()
+            if (kernel, key[1]) not in compiled and _shipped(kernel, key[1], key[2])
+        }
         for kernel, entries in RESOURCES.items()
-        if kernel not in {row.kernel for row in rows}
     }
     for row in rows:
         key = (row.arch, row.dtype, row.config, row.split)
@@ -121,6 +127,12 @@ def resource_table(rows: list[report.Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shipped(kernel: str, dtype: str, config: str) -> bool:
+    """Whether ``config`` is in the list the launcher of ``kernel`` runs for ``dtype``."""
+    aot = report.spec(f"canfast.kernels.{kernel}")
+    return config in {report.config_label(c) for c in aot.configs_for(dtype)}
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(text)
@@ -128,43 +140,76 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def before_after(workers: int | None) -> str:
-    """Markdown: per kernel, arch and config, the worst spill and the registers and warps/SM of
-    the heaviest variant, for the configs before and after."""
-    lines = []
+    """Markdown: per kernel, arch and dtype, the shipped configs before and after and how many
+    of them spill; then per config the worst spill and the registers and warps/SM of the
+    heaviest variant."""
+    found: list[tuple[str, report.Row]] = []
     for module, old_configs in BEFORE.items():
         aot = report.spec(module)
         names = [v.name for v in aot.variants]
-        for label, configs in (("before", old_configs), ("after", list(aot.configs))):
+        for label, configs in (("before", old_configs), ("after", None)):
             jobs = [
-                report.Job(module, c, d, 0, names.index(v), arch)
+                report.Job(module, c, d, choice, names.index(v), arch)
                 for arch in report.ARCHS
-                for c in range(len(configs))
-                for d in BEFORE_AFTER_DTYPES
+                for d, choice in BEFORE_AFTER_DTYPES
+                if choice < len(aot.dtype_constexprs(d))
+                for c in range(len(configs or aot.configs_for(aot.dtype_constexprs(d)[choice][0])))
                 for v in BEFORE_AFTER_VARIANTS[module]
             ]
-            rows = report.run(jobs, workers, configs=configs)
-            for row in rows:
-                lines.append((label, row))
-    out = [
-        "| kernel | arch | configs | config | dtype | worst regs | worst spill st/ld (B) "
-        "| min warps/SM | tensor core | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+            found += [(label, row) for row in report.run(jobs, workers, configs=configs)]
     groups: dict[tuple, list[report.Row]] = {}
-    for label, row in lines:
-        groups.setdefault((row.kernel, row.arch, label, row.config, row.dtype), []).append(row)
-    for (kernel, arch, label, config, dtype), rows in groups.items():
-        if all(r.pruned for r in rows):
-            out.append(f"| {kernel} | {arch} | {label} | {config} | {dtype} | | | | | pruned |")
+    for label, row in found:
+        groups.setdefault((row.kernel, row.arch, row.dtype, label, row.config), []).append(row)
+    summary: dict[tuple, list[list[report.Row]]] = {}
+    for (kernel, arch, dtype, label, _), rows in groups.items():
+        summary.setdefault((kernel, arch, dtype, label), []).append(rows)
+    out = [
+        "| kernel | arch | dtype | configs before → after | spilling before → after "
+        "| worst spill st/ld (B) before → after | over shared memory before → after "
+        "| min warps/SM before → after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    done = set()
+    for kernel, arch, dtype, _ in summary:
+        if (kernel, arch, dtype) in done:
             continue
-        rows = [r for r in rows if not r.pruned]
+        done.add((kernel, arch, dtype))
+        cells = []
+        for label in ("before", "after"):
+            configs = summary.get((kernel, arch, dtype, label), [])
+            rows = [r for c in configs for r in c]
+            spilling = sum(any(r.spill_stores or r.spill_loads for r in c) for c in configs)
+            over = sum(any(r.shared > r.shared_limit for r in c) for c in configs)
+            worst = max(rows, key=lambda r: r.spill_stores + r.spill_loads)
+            cells.append(
+                (
+                    len(configs),
+                    spilling,
+                    f"{worst.spill_stores}/{worst.spill_loads}",
+                    over,
+                    min(r.warps_per_sm for r in rows),
+                )
+            )
+        out.append(
+            f"| {kernel} | {arch} | {dtype} | "
+            + " | ".join(f"{b} → {a}" for b, a in zip(*cells))
+            + " |"
+        )
+    out += [
+        "",
+        "| kernel | arch | dtype | configs | config | worst regs | worst spill st/ld (B) "
+        "| shared KB | min warps/SM | tensor core | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch, dtype, label, config), rows in groups.items():
         worst = max(rows, key=lambda r: (r.spill_stores + r.spill_loads, r.registers))
         tc = max(r.wgmma if arch == "sm_90" else r.mma_sync for r in rows)
-        problems = sorted({p for r in rows for p in r.problems})
+        problems = sorted({p.split(" B")[0] for r in rows for p in r.problems})
         out.append(
-            f"| {kernel} | {arch} | {label} | {config} | {dtype} | "
+            f"| {kernel} | {arch} | {dtype} | {label} | {config} | "
             f"{max(r.registers for r in rows)} | {worst.spill_stores}/{worst.spill_loads} | "
-            f"{min(r.warps_per_sm for r in rows)} | {tc or '-'} | {'; '.join(problems) or 'ok'} |"
+            f"{max(r.shared for r in rows) // 1024} | {min(r.warps_per_sm for r in rows)} | "
+            f"{tc or '-'} | {'; '.join(problems) or 'ok'} |"
         )
     return "\n".join(out) + "\n"
 
@@ -343,6 +388,22 @@ def write_full_summary(log: Path) -> None:
     write_atomic(RESULTS / "aot_full.json", head + ',\n "rows": [\n' + body + "\n ]\n}\n")
 
 
+def write_before_after(workers: int | None) -> None:
+    table = before_after(workers)
+    write_atomic(
+        RESULTS / "aot_before_after.md",
+        "# masked_linear and score_accumulate: configs before and after issue 12\n\n"
+        "Both config lists compiled on the current kernels (the fused-score backward included) "
+        "for sm_80 and sm_90 by `python bench/aot.py --before`: *before* is the list main "
+        "shipped before issue 12 (the same for every dtype), *after* the lists the launchers "
+        "run now (masked_linear: one per kind of dot). Worst row over the variants "
+        + "; ".join(f"`{v}`" for vs in BEFORE_AFTER_VARIANTS.values() for v in vs)
+        + ". `fp32` is IEEE float32 (CUDA-core FMA dots), `fp32-tf32` TF32 dots.\n\n"
+        + table,
+    )
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--subset", choices=report.SUBSETS, default="heavy")
@@ -352,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtypes", default=",".join(report.DTYPES))
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
     parser.add_argument("--jobs", type=int, default=0)
-    parser.add_argument("--before", action="store_true", help="also write the before/after table")
+    parser.add_argument("--before", action="store_true", help="only the before/after table")
     parser.add_argument(
         "--resources",
         action="store_true",
@@ -366,15 +427,20 @@ def main(argv: list[str] | None = None) -> int:
             run_full(modules, report.parse_dtypes(args.dtypes), args.jobs or None, args.log)
         write_full_summary(args.log)
         return 0
+    if args.before:
+        write_before_after(args.jobs or None)
+        return 0
     archs = list(report.ARCHS)
     started = time.perf_counter()
-    jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset)]
+    dtypes = report.parse_dtypes(args.dtypes)
+    jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset, dtypes)]
     rows = report.run(jobs, args.jobs or None)
     elapsed = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "subset": args.subset,
         "kernels": [report.kernel_name(m) for m in modules],
+        "dtypes": dtypes,
         "triton": triton.__version__,
         "compiles": len(rows),
         "wall_s": round(elapsed, 1),
@@ -384,15 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.resources:
         write_atomic(RESOURCES, resource_table(rows))
         importlib.reload(resources_module)
-    # Rows of the kernels not compiled in this run are kept from the last one.
+    # Rows of the (kernel, dtype) pairs not compiled in this run are kept from the last one, if
+    # their config is still shipped.
     kept = []
+    compiled = {(row.kernel, row.dtype) for row in rows}
     if (RESULTS / "aot.json").exists():
         previous = json.loads((RESULTS / "aot.json").read_text())
-        kept = [r for r in previous["rows"] if r["kernel"] not in meta["kernels"]]
+        kept = [
+            r
+            for r in previous["rows"]
+            if (r["kernel"], r["dtype"]) not in compiled
+            and _shipped(r["kernel"], r["dtype"], r["config"])
+        ]
         meta["runs"] = [
             *previous.get("runs", [{k: previous[k] for k in ("subset", "kernels", "wall_s")}]),
         ]
-    meta.setdefault("runs", []).append({k: meta[k] for k in ("subset", "kernels", "wall_s")})
+    meta.setdefault("runs", []).append(
+        {k: meta[k] for k in ("subset", "kernels", "dtypes", "wall_s")}
+    )
     all_rows = kept + report.as_json(rows)
     names = [f.name for f in fields(report.Row)]
     table_rows = [report.Row(**{n: r[n] for n in names if n in r}) for r in all_rows]
@@ -400,12 +475,13 @@ def main(argv: list[str] | None = None) -> int:
     modules = {report.kernel_name(m): m for m in report.KERNEL_MODULES}
     for row in table_rows:
         aot = report.spec(modules[row.kernel])
-        config = next(c for c in aot.configs if report.config_label(c) == row.config)
+        config = next(c for c in aot.configs_for(row.dtype) if report.config_label(c) == row.config)
         row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch, row.split)
     all_rows = report.as_json(table_rows)
     bad = [r for r in table_rows if r.problems and not r.pruned]
     runs = "; ".join(
-        f"{', '.join(run['kernels'])}: subset {run['subset']}, {run['wall_s']:.0f} s"
+        f"{', '.join(run['kernels'])} ({', '.join(run.get('dtypes', report.DTYPES))}): "
+        f"subset {run['subset']}, {run['wall_s']:.0f} s"
         for run in meta["runs"]
     )
     header = (
@@ -419,17 +495,6 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(RESULTS / "aot.md", header + report.markdown(table_rows) + "\n")
     print(report.text_table(rows))
     print(f"\n{len(rows)} compiles in {elapsed:.0f} s, {len(bad)} with problems", file=sys.stderr)
-    if args.before:
-        table = before_after(args.jobs or None)
-        write_atomic(
-            RESULTS / "aot_before_after.md",
-            "# masked_linear and score_accumulate: configs before and after issue 12\n\n"
-            "Worst row over the variants "
-            + "; ".join(f"`{v}`" for vs in BEFORE_AFTER_VARIANTS.values() for v in vs)
-            + ", per config, dtype and arch.\n\n"
-            + table,
-        )
-        print(table)
     return 0
 
 
