@@ -119,9 +119,11 @@ def resource_table(rows: list[report.Row]) -> str:
         "RESOURCES: dict[str, dict[tuple[str, str, str, str], tuple[int, bool]]] = {",
     ]
     for kernel in sorted(table):
-        lines.append(f"    {kernel!r}: {{")
+        # Double-quoted, as ruff format writes them.
+        lines.append(f"    {json.dumps(kernel)}: {{")
         for key in sorted(table[kernel]):
-            lines.append(f"        {key!r}: {table[kernel][key]!r},")
+            quoted = ", ".join(json.dumps(part) for part in key)
+            lines.append(f"        ({quoted}): {table[kernel][key]!r},")
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines) + "\n"
