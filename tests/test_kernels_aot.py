@@ -97,7 +97,8 @@ def test_every_shipped_config_is_clean_by_construction(module, arch):
     for dtype in report.DTYPES:
         for label, _ in aot.dtype_constexprs(dtype):
             configs = aot.configs_for(label)
-            assert len(configs) >= 3, f"{label}: too few configs to tune over"
+            # IEEE float32 keeps two (see IEEE_CONFIGS in kernels/masked_linear.py).
+            assert len(configs) >= 2, f"{label}: too few configs to tune over"
             for part in {report.split_of(aot, v) for v in aot.variants}:
                 for config in configs:
                     key = (arch, label, report.config_label(config), part)
