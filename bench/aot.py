@@ -281,6 +281,7 @@ def run_full(modules: list[str], dtypes: list[str], workers: int | None, log: Pa
             f.flush()
 
 
+KERNELS = {report.kernel_name(m) for m in report.KERNEL_MODULES}
 FULL_COLUMNS = (
     "kernel", "arch", "dtype", "variant", "config", "num_warps", "num_stages", "registers",
     "spill_stores", "spill_loads", "stack", "shared", "shared_limit", "mma_sync", "wgmma",
@@ -298,6 +299,7 @@ def write_full_summary(log: Path) -> None:
     rows as lists under their column names) from the full matrix's log."""
     rows, runs = read_log(log)
     expected = {_job_key(j): j for j in full_jobs(list(report.KERNEL_MODULES), list(report.DTYPES))}
+    dropped = [r for r in rows if _row_key(r) not in expected and r["kernel"] in KERNELS]
     rows = [r for r in rows if _row_key(r) in expected]  # configs no longer shipped drop out
     order = {key: i for i, key in enumerate(expected)}
     rows.sort(key=lambda r: order[_row_key(r)])
@@ -381,6 +383,22 @@ def write_full_summary(log: Path) -> None:
             f"{_span(tc) if max(tc) else '-'} | {_span([r.warps_per_sm for r in got])} | "
             f"{', '.join(problems) or 'ok'} |"
         )
+    spilled = [r for r in dropped if r["spill_stores"] or r["spill_loads"]]
+    if spilled:
+        lines += [
+            "",
+            "Configs taken out of the shipped lists after this matrix found them spilling, "
+            f"and their spilling rows (of {len(dropped)} rows compiled for configs no longer "
+            "shipped, not counted above):",
+            "",
+            "| kernel | arch | dtype | variant | config | regs | spill st/ld (B) | stack |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['variant']} | {r['config']} | "
+            f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} |"
+            for r in spilled
+        ]
     RESULTS.mkdir(exist_ok=True)
     write_atomic(RESULTS / "aot_full.md", "\n".join(lines) + "\n")
     body = ",\n".join(json.dumps([r[c] for c in FULL_COLUMNS]) for r in rows)
