@@ -48,9 +48,10 @@ def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]
     ]
 
 
-# The autotune candidates on CUDA, one list per kind of dot, each compiled ahead of time for
-# sm_80 and sm_90 in every launcher variant (canfast.kernels.report, bench/results/aot_full.md):
-# none spills, with or without the score epilogue, and all fit the shared memory of both.
+# The autotune candidates on CUDA, one list per kind of dot, compiled ahead of time for sm_80 and
+# sm_90 (canfast.kernels.report): in the heavy variants and the CI subset none spills, with or
+# without the score epilogue, and all fit the shared memory of both; bench/results/aot_full.md
+# has every variant (the float32 lists complete, bf16/fp16 as far as that run got).
 # SCORE_N is the width of the score epilogue's column strips: 16 keeps it to a few registers per
 # thread (32 left the IEEE float32 128x128 tile 16 bytes of spill on sm_80).
 #
@@ -82,11 +83,12 @@ TF32_CONFIGS = _configs(
 # IEEE float32: the dot runs as FMAs on the CUDA cores, and each thread holds its slice of both
 # operand tiles in registers for the whole of BLOCK_K, so the tiles are shallower than the tensor
 # core ones. With BLOCK_K = 32 and 4 warps every tile from 64x64 up spilled on sm_80, and the
-# main loop alone reached 255 registers. Only two tiles compile clean in every variant on both
-# archs (bench/results/aot_full.md): tiles whose forward needs a little more than 80 or 128
+# main loop alone reached 255 registers. Of the tiles tried, two compile clean in every variant
+# on both archs (bench/results/aot_full.md): tiles whose forward needs a little more than 80 or 128
 # registers over 8 warps get squeezed by ptxas into that many (3 or 2 programs per SM) with
-# 4-24 bytes of spill around the main loop (128x64x16, 64x128x16, 64x64x32 on sm_80 and
-# 64x128x32 on sm_90, in the batched-mask forwards), so they are left out.
+# 4-24 bytes of spill (in one case read in SASS: stored before the main loop, loaded after it):
+# 128x64x16, 64x128x16, 64x64x32 on sm_80 and 64x128x32 on sm_90, in masked forwards. They are
+# left out.
 IEEE_CONFIGS = _configs(
     [
         (128, 128, 16, 4, 8),
