@@ -1,14 +1,21 @@
 """Ahead-of-time compile matrix of the Triton kernels for A100 (sm_80) and H100 (sm_90).
 
-    python bench/aot.py                          # the full matrix (hours on 2 cores)
+    python bench/aot.py --full                   # the full matrix (hours on 2 cores)
+    python bench/aot.py --subset heavy --resources   # the rows the autotuners prune by
     python bench/aot.py --subset variants        # every variant on every arch, configs dealt
-    python bench/aot.py --before                 # also the configs main shipped before issue 12
+    python bench/aot.py --before                 # the configs main shipped before issue 12
 
 Runs :mod:`canfast.kernels.report` (no GPU needed) and writes ``bench/results/aot.json`` and
 ``bench/results/aot.md`` (atomically): one row per compiled kernel with its registers, spills,
-stack, shared memory, tensor-core instructions and predicted warps per SM. ``--before`` adds
-``aot_before_after.md``: the worst row of each ``masked_linear`` and ``score_accumulate`` config
-over a few heavy variants, for the configs on main before and after.
+stack, shared memory, tensor-core instructions and predicted warps per SM.
+
+``--full`` compiles every config x dtype x variant x arch instead, appending each row to a log
+as it is ready (``--log``; a rerun skips the rows already there, so the matrix can be run in
+parts, e.g. ``--dtypes bf16,fp16``), and writes the summary ``bench/results/aot_full.md`` and the
+rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those two from
+the log). ``--before`` writes only ``aot_before_after.md``: the worst row of each
+``masked_linear`` and ``score_accumulate`` config over a few heavy variants, for the configs on
+main before issue 12 and now.
 ``bench/roofline_triton.py`` turns ``aot.json`` into the tables of ``bench/roofline_triton.md``.
 """
 
@@ -20,7 +27,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 from pathlib import Path
 
 import triton
@@ -63,16 +70,17 @@ BEFORE = {
     ],
 }
 
-# The variants of the before/after table: the heaviest epilogue of each direction.
+# The variants of the before/after table: the heaviest epilogue of each direction (both in the
+# kernels' heavy lists, so the "after" rows come from the compile cache of the resource run).
 BEFORE_AFTER_VARIANTS = {
     "canfast.kernels.masked_linear": (
         "fwd bias in=2 out=2",
-        "fwd in=0 out=2",
         "bwd in=2 out=2 score valid alpha=3",
     ),
     "canfast.kernels.score_accumulate": ("valid alpha=3", "valid alpha=1"),
 }
-BEFORE_AFTER_DTYPES = ("bf16", "fp32")
+# (dtype, choice): bf16, IEEE float32 and, where the kernel has it, TF32 float32.
+BEFORE_AFTER_DTYPES = (("bf16", 0), ("fp32", 0), ("fp32", 1))
 
 
 RESOURCES = Path(__file__).resolve().parent.parent / "kernels" / "_resources.py"
@@ -83,11 +91,16 @@ def resource_table(rows: list[report.Row]) -> str:
     memory any compiled variant needs, whether any of them spills)."""
     from canfast.kernels._resources import RESOURCES
 
-    # The kernels compiled in this run replace their entries; the others are kept.
+    # The (kernel, dtype) pairs compiled in this run replace their entries; the others are kept
+    # while their config is still shipped.
+    compiled = {(row.kernel, row.dtype) for row in rows}
     table = {
-        kernel: {(key + ("",))[:4]: value for key, value in entries.items()}
+        kernel: {
+            key: value
+            for key, value in entries.items()
+            if (kernel, key[1]) not in compiled and _shipped(kernel, key[1], key[2])
+        }
         for kernel, entries in RESOURCES.items()
-        if kernel not in {row.kernel for row in rows}
     }
     for row in rows:
         key = (row.arch, row.dtype, row.config, row.split)
@@ -106,12 +119,20 @@ def resource_table(rows: list[report.Row]) -> str:
         "RESOURCES: dict[str, dict[tuple[str, str, str, str], tuple[int, bool]]] = {",
     ]
     for kernel in sorted(table):
-        lines.append(f"    {kernel!r}: {{")
+        # Double-quoted, as ruff format writes them.
+        lines.append(f"    {json.dumps(kernel)}: {{")
         for key in sorted(table[kernel]):
-            lines.append(f"        {key!r}: {table[kernel][key]!r},")
+            quoted = ", ".join(json.dumps(part) for part in key)
+            lines.append(f"        ({quoted}): {table[kernel][key]!r},")
         lines.append("    },")
     lines.append("}")
     return "\n".join(lines) + "\n"
+
+
+def _shipped(kernel: str, dtype: str, config: str) -> bool:
+    """Whether ``config`` is in the list the launcher of ``kernel`` runs for ``dtype``."""
+    aot = report.spec(f"canfast.kernels.{kernel}")
+    return config in {report.config_label(c) for c in aot.configs_for(dtype)}
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -121,53 +142,298 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def before_after(workers: int | None) -> str:
-    """Markdown: per kernel, arch and config, the worst spill and the registers and warps/SM of
-    the heaviest variant, for the configs before and after."""
-    lines = []
+    """Markdown: per kernel, arch and dtype, the shipped configs before and after and how many
+    of them spill; then per config the worst spill and the registers and warps/SM of the
+    heaviest variant."""
+    found: list[tuple[str, report.Row]] = []
     for module, old_configs in BEFORE.items():
         aot = report.spec(module)
         names = [v.name for v in aot.variants]
-        for label, configs in (("before", old_configs), ("after", list(aot.configs))):
+        for label, configs in (("before", old_configs), ("after", None)):
             jobs = [
-                report.Job(module, c, d, 0, names.index(v), arch)
+                report.Job(module, c, d, choice, names.index(v), arch)
                 for arch in report.ARCHS
-                for c in range(len(configs))
-                for d in BEFORE_AFTER_DTYPES
+                for d, choice in BEFORE_AFTER_DTYPES
+                if choice < len(aot.dtype_constexprs(d))
+                for c in range(len(configs or aot.configs_for(aot.dtype_constexprs(d)[choice][0])))
                 for v in BEFORE_AFTER_VARIANTS[module]
             ]
-            rows = report.run(jobs, workers, configs=configs)
-            for row in rows:
-                lines.append((label, row))
-    out = [
-        "| kernel | arch | configs | config | dtype | worst regs | worst spill st/ld (B) "
-        "| min warps/SM | tensor core | problems |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+            found += [(label, row) for row in report.run(jobs, workers, configs=configs)]
     groups: dict[tuple, list[report.Row]] = {}
-    for label, row in lines:
-        groups.setdefault((row.kernel, row.arch, label, row.config, row.dtype), []).append(row)
-    for (kernel, arch, label, config, dtype), rows in groups.items():
-        if all(r.pruned for r in rows):
-            out.append(f"| {kernel} | {arch} | {label} | {config} | {dtype} | | | | | pruned |")
+    for label, row in found:
+        groups.setdefault((row.kernel, row.arch, row.dtype, label, row.config), []).append(row)
+    summary: dict[tuple, list[list[report.Row]]] = {}
+    for (kernel, arch, dtype, label, _), rows in groups.items():
+        summary.setdefault((kernel, arch, dtype, label), []).append(rows)
+    out = [
+        "| kernel | arch | dtype | configs before → after | spilling before → after "
+        "| worst spill st/ld (B) before → after | over shared memory before → after "
+        "| min warps/SM before → after |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    done = set()
+    for kernel, arch, dtype, _ in summary:
+        if (kernel, arch, dtype) in done:
             continue
-        rows = [r for r in rows if not r.pruned]
+        done.add((kernel, arch, dtype))
+        cells = []
+        for label in ("before", "after"):
+            configs = summary.get((kernel, arch, dtype, label), [])
+            rows = [r for c in configs for r in c]
+            spilling = sum(any(r.spill_stores or r.spill_loads for r in c) for c in configs)
+            over = sum(any(r.shared > r.shared_limit for r in c) for c in configs)
+            worst = max(rows, key=lambda r: r.spill_stores + r.spill_loads)
+            cells.append(
+                (
+                    len(configs),
+                    spilling,
+                    f"{worst.spill_stores}/{worst.spill_loads}",
+                    over,
+                    min(r.warps_per_sm for r in rows),
+                )
+            )
+        out.append(
+            f"| {kernel} | {arch} | {dtype} | "
+            + " | ".join(f"{b} → {a}" for b, a in zip(*cells))
+            + " |"
+        )
+    out += [
+        "",
+        "| kernel | arch | dtype | configs | config | worst regs | worst spill st/ld (B) "
+        "| shared KB | min warps/SM | tensor core | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch, dtype, label, config), rows in groups.items():
         worst = max(rows, key=lambda r: (r.spill_stores + r.spill_loads, r.registers))
         tc = max(r.wgmma if arch == "sm_90" else r.mma_sync for r in rows)
-        problems = sorted({p for r in rows for p in r.problems})
+        problems = sorted({p.split(" B")[0] for r in rows for p in r.problems})
         out.append(
-            f"| {kernel} | {arch} | {label} | {config} | {dtype} | "
+            f"| {kernel} | {arch} | {dtype} | {label} | {config} | "
             f"{max(r.registers for r in rows)} | {worst.spill_stores}/{worst.spill_loads} | "
-            f"{min(r.warps_per_sm for r in rows)} | {tc or '-'} | {'; '.join(problems) or 'ok'} |"
+            f"{max(r.shared for r in rows) // 1024} | {min(r.warps_per_sm for r in rows)} | "
+            f"{tc or '-'} | {'; '.join(problems) or 'ok'} |"
         )
     return "\n".join(out) + "\n"
 
 
+FULL_LOG = Path(__file__).resolve().parent / "results" / "aot_full.log.jsonl"
+
+
+def _row_key(row: dict) -> tuple:
+    return (row["kernel"], row["arch"], row["dtype"], row["variant"], row["config"])
+
+
+def _job_key(job: report.Job) -> tuple:
+    aot = report.spec(job.module)
+    label = aot.dtype_constexprs(job.dtype)[job.choice][0]
+    config = report.config_label(aot.configs_for(label)[job.config])
+    name = aot.variants[job.variant].name
+    return (report.kernel_name(job.module), job.arch, label, name, config)
+
+
+def full_jobs(modules: list[str], dtypes: list[str]) -> list[report.Job]:
+    """Every compile of the full matrix, grouped so that a stopped run leaves whole (kernel,
+    dtype, arch) cells: the small kernels first, then dtype, arch, config and variant."""
+    jobs = [job for m in modules for job in report.jobs_for(m, list(report.ARCHS), "full", dtypes)]
+    size = {m: len(report.spec(m).variants) for m in modules}
+    return sorted(
+        jobs,
+        key=lambda j: (size[j.module], j.module, dtypes.index(j.dtype), j.choice, j.arch,
+                       j.config, j.variant),
+    )  # fmt: skip
+
+
+def read_log(log: Path) -> tuple[list[dict], list[dict]]:
+    """The rows of a full-matrix log (the last one of a key wins) and its run records."""
+    rows: dict[tuple, dict] = {}
+    runs = []
+    if log.exists():
+        for line in log.read_text().splitlines():
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short when a run was stopped
+            if "run" in record:
+                runs.append(record["run"])
+            else:
+                rows[_row_key(record)] = record
+    return list(rows.values()), runs
+
+
+def run_full(modules: list[str], dtypes: list[str], workers: int | None, log: Path) -> None:
+    """Compile the full matrix into ``log``, one JSON line per row, skipping rows present."""
+    done = {_row_key(r) for r in read_log(log)[0]}
+    jobs = [j for j in full_jobs(modules, dtypes) if _job_key(j) not in done]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        start = {
+            "started": time.time(), "compiles": len(jobs), "skipped": len(done),
+            "kernels": [report.kernel_name(m) for m in modules], "dtypes": dtypes,
+            "workers": workers or os.cpu_count(), "cpus": os.cpu_count(),
+            "triton": triton.__version__,
+        }  # fmt: skip
+        f.write(json.dumps({"run": start}) + "\n")
+        f.flush()
+        for row in report.run_iter(jobs, workers):
+            f.write(json.dumps({**asdict(row), "finished": round(time.time(), 1)}) + "\n")
+            f.flush()
+
+
+KERNELS = {report.kernel_name(m) for m in report.KERNEL_MODULES}
+FULL_COLUMNS = (
+    "kernel", "arch", "dtype", "variant", "config", "num_warps", "num_stages", "registers",
+    "spill_stores", "spill_loads", "stack", "shared", "shared_limit", "mma_sync", "wgmma",
+    "warps_per_sm", "compile_s",
+)  # fmt: skip
+
+
+def _span(values: list[int]) -> str:
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def write_full_summary(log: Path) -> None:
+    """``aot_full.md`` (per kernel, arch and dtype, then per config) and ``aot_full.json`` (the
+    rows as lists under their column names) from the full matrix's log."""
+    rows, runs = read_log(log)
+    expected = {_job_key(j): j for j in full_jobs(list(report.KERNEL_MODULES), list(report.DTYPES))}
+    dropped = [r for r in rows if _row_key(r) not in expected and r["kernel"] in KERNELS]
+    rows = [r for r in rows if _row_key(r) in expected]  # configs no longer shipped drop out
+    order = {key: i for i, key in enumerate(expected)}
+    rows.sort(key=lambda r: order[_row_key(r)])
+    names = [f.name for f in fields(report.Row)]
+    parsed = [report.Row(**{n: r[n] for n in names if n in r}) for r in rows]
+    # Wall time: from each run's start to its last row (a run may have been stopped).
+    wall = 0.0
+    for i, run in enumerate(runs):
+        end = runs[i + 1]["started"] if i + 1 < len(runs) else float("inf")
+        done = [r["finished"] for r in rows if run["started"] <= r.get("finished", 0) < end]
+        wall += (max(done) - run["started"]) if done else 0.0
+    cells: dict[tuple, list[report.Row]] = {}
+    for row in parsed:
+        cells.setdefault((row.kernel, row.arch, row.dtype), []).append(row)
+    want: dict[tuple, int] = {}
+    for kernel, arch, dtype, _, _ in expected:
+        want[kernel, arch, dtype] = want.get((kernel, arch, dtype), 0) + 1
+    bad = [r for r in parsed if r.problems]
+    lines = [
+        f"# Full ahead-of-time compile matrix (Triton {triton.__version__})",
+        "",
+        f"{len(parsed)} of {len(expected)} compiles (every autotune config x dtype x launcher "
+        f"variant x arch of every kernel) in {wall / 3600:.2f} h of wall time on "
+        f"{runs[-1]['cpus'] if runs else os.cpu_count()} shared CPU cores "
+        f"({len(runs)} run(s) of `python bench/aot.py --full`, Triton's compile cache in use). "
+        f"{len(bad)} rows with problems (spills, shared memory over the arch's limit, or a "
+        "bf16/fp16/TF32 dot without tensor-core instructions).",
+        "",
+        "Per kernel, arch and dtype: the compiles done of those expected, the configs the "
+        "launcher runs for that dtype, the range over every config and variant of registers, "
+        "shared memory and predicted warps per SM, the rows that spill, and the tensor-core "
+        "instructions in the PTX (`mma.sync` on sm_80, `wgmma.mma_async` on sm_90; the "
+        "smallest count of any row). `fp32` is IEEE float32 (CUDA-core FMA dots), `fp32-tf32` "
+        "float32 with TF32 dots.",
+        "",
+        "| kernel | arch | dtype | compiled | configs | regs | spilling rows | max spill st/ld (B) "
+        "| shared KB (limit) | tensor core | warps/SM |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for (kernel, arch, dtype), count in want.items():
+        got = cells.get((kernel, arch, dtype), [])
+        if not got:
+            lines.append(f"| {kernel} | {arch} | {dtype} | 0 / {count} | | | | | | | |")
+            continue
+        spilling = [r for r in got if r.spill_stores or r.spill_loads]
+        worst = max(got, key=lambda r: r.spill_stores + r.spill_loads)
+        op = report.ARCHS[arch].tensor_core_op
+        tc = [r.wgmma if op.startswith("wgmma") else r.mma_sync for r in got]
+        tc_cell = (
+            f"{op.split('.')[0]} >= {min(tc)}"
+            if min(tc)
+            else ("-" if not max(tc) else f"missing in {tc.count(0)}")
+        )
+        lines.append(
+            f"| {kernel} | {arch} | {dtype} | {len(got)} / {count} | "
+            f"{len({r.config for r in got})} | {_span([r.registers for r in got])} | "
+            f"{len(spilling)} | {worst.spill_stores}/{worst.spill_loads} | "
+            f"{_span([round(r.shared / 1024) for r in got])} ({got[0].shared_limit // 1024}) | "
+            f"{tc_cell} | {_span([r.warps_per_sm for r in got])} |"
+        )
+    lines += [
+        "",
+        "Per config (over every variant of the launcher):",
+        "",
+        "| kernel | arch | dtype | config | variants | regs | spill st/ld max (B) | shared KB "
+        "| tensor core | warps/SM | problems |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    configs: dict[tuple, list[report.Row]] = {}
+    for row in parsed:
+        configs.setdefault((row.kernel, row.arch, row.dtype, row.config), []).append(row)
+    for (kernel, arch, dtype, config), got in configs.items():
+        op = report.ARCHS[arch].tensor_core_op
+        tc = [r.wgmma if op.startswith("wgmma") else r.mma_sync for r in got]
+        worst = max(got, key=lambda r: r.spill_stores + r.spill_loads)
+        problems = sorted({p.split(" ")[0] for r in got for p in r.problems})
+        lines.append(
+            f"| {kernel} | {arch} | {dtype} | {config} | {len(got)} | "
+            f"{_span([r.registers for r in got])} | {worst.spill_stores}/{worst.spill_loads} | "
+            f"{_span([round(r.shared / 1024) for r in got])} | "
+            f"{_span(tc) if max(tc) else '-'} | {_span([r.warps_per_sm for r in got])} | "
+            f"{', '.join(problems) or 'ok'} |"
+        )
+    spilled = [r for r in dropped if r["spill_stores"] or r["spill_loads"]]
+    if spilled:
+        lines += [
+            "",
+            "Configs taken out of the shipped lists after this matrix found them spilling, "
+            f"and their spilling rows (of {len(dropped)} rows compiled for configs no longer "
+            "shipped, not counted above):",
+            "",
+            "| kernel | arch | dtype | variant | config | regs | spill st/ld (B) | stack |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {r['kernel']} | {r['arch']} | {r['dtype']} | {r['variant']} | {r['config']} | "
+            f"{r['registers']} | {r['spill_stores']}/{r['spill_loads']} | {r['stack']} |"
+            for r in spilled
+        ]
+    RESULTS.mkdir(exist_ok=True)
+    write_atomic(RESULTS / "aot_full.md", "\n".join(lines) + "\n")
+    body = ",\n".join(json.dumps([r[c] for c in FULL_COLUMNS]) for r in rows)
+    meta = {"triton": triton.__version__, "compiles": len(rows), "expected": len(expected),
+            "wall_s": round(wall, 1), "runs": runs, "columns": list(FULL_COLUMNS)}  # fmt: skip
+    head = json.dumps(meta, indent=1)[:-2]
+    write_atomic(RESULTS / "aot_full.json", head + ',\n "rows": [\n' + body + "\n ]\n}\n")
+
+
+def write_before_after(workers: int | None) -> None:
+    table = before_after(workers)
+    write_atomic(
+        RESULTS / "aot_before_after.md",
+        "# masked_linear and score_accumulate: configs before and after issue 12\n\n"
+        "Both config lists compiled on the current kernels (the fused-score backward included) "
+        "for sm_80 and sm_90 by `python bench/aot.py --before`: *before* is the list main "
+        "shipped before issue 12 (the same for every dtype), *after* the lists the launchers "
+        "run now (masked_linear: one per kind of dot). Worst row over the variants "
+        + "; ".join(f"`{v}`" for vs in BEFORE_AFTER_VARIANTS.values() for v in vs)
+        + ". `fp32` is IEEE float32 (CUDA-core FMA dots), `fp32-tf32` TF32 dots.\n\n"
+        + table,
+    )
+    print(table)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", choices=report.SUBSETS, default="full")
+    parser.add_argument("--subset", choices=report.SUBSETS, default="heavy")
+    parser.add_argument("--full", action="store_true", help="the full matrix, into --log")
+    parser.add_argument("--summary", action="store_true", help="only summarize --log")
+    parser.add_argument("--log", type=Path, default=FULL_LOG, help="the full matrix's row log")
+    parser.add_argument("--dtypes", default=",".join(report.DTYPES))
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
     parser.add_argument("--jobs", type=int, default=0)
-    parser.add_argument("--before", action="store_true", help="also write the before/after table")
+    parser.add_argument("--before", action="store_true", help="only the before/after table")
     parser.add_argument(
         "--resources",
         action="store_true",
@@ -176,15 +442,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     wanted = {k for k in args.kernels.split(",") if k}
     modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
+    if args.full or args.summary:
+        if args.full:
+            run_full(modules, report.parse_dtypes(args.dtypes), args.jobs or None, args.log)
+        write_full_summary(args.log)
+        return 0
+    if args.before:
+        write_before_after(args.jobs or None)
+        return 0
     archs = list(report.ARCHS)
     started = time.perf_counter()
-    jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset)]
+    dtypes = report.parse_dtypes(args.dtypes)
+    jobs = [job for m in modules for job in report.jobs_for(m, archs, args.subset, dtypes)]
     rows = report.run(jobs, args.jobs or None)
     elapsed = time.perf_counter() - started
     RESULTS.mkdir(exist_ok=True)
     meta = {
         "subset": args.subset,
         "kernels": [report.kernel_name(m) for m in modules],
+        "dtypes": dtypes,
         "triton": triton.__version__,
         "compiles": len(rows),
         "wall_s": round(elapsed, 1),
@@ -194,15 +470,24 @@ def main(argv: list[str] | None = None) -> int:
     if args.resources:
         write_atomic(RESOURCES, resource_table(rows))
         importlib.reload(resources_module)
-    # Rows of the kernels not compiled in this run are kept from the last one.
+    # Rows of the (kernel, dtype) pairs not compiled in this run are kept from the last one, if
+    # their config is still shipped.
     kept = []
+    compiled = {(row.kernel, row.dtype) for row in rows}
     if (RESULTS / "aot.json").exists():
         previous = json.loads((RESULTS / "aot.json").read_text())
-        kept = [r for r in previous["rows"] if r["kernel"] not in meta["kernels"]]
+        kept = [
+            r
+            for r in previous["rows"]
+            if (r["kernel"], r["dtype"]) not in compiled
+            and _shipped(r["kernel"], r["dtype"], r["config"])
+        ]
         meta["runs"] = [
             *previous.get("runs", [{k: previous[k] for k in ("subset", "kernels", "wall_s")}]),
         ]
-    meta.setdefault("runs", []).append({k: meta[k] for k in ("subset", "kernels", "wall_s")})
+    meta.setdefault("runs", []).append(
+        {k: meta[k] for k in ("subset", "kernels", "dtypes", "wall_s")}
+    )
     all_rows = kept + report.as_json(rows)
     names = [f.name for f in fields(report.Row)]
     table_rows = [report.Row(**{n: r[n] for n in names if n in r}) for r in all_rows]
@@ -210,12 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     modules = {report.kernel_name(m): m for m in report.KERNEL_MODULES}
     for row in table_rows:
         aot = report.spec(modules[row.kernel])
-        config = next(c for c in aot.configs if report.config_label(c) == row.config)
+        config = next(c for c in aot.configs_for(row.dtype) if report.config_label(c) == row.config)
         row.pruned = report.pruned(modules[row.kernel], config, row.dtype, row.arch, row.split)
     all_rows = report.as_json(table_rows)
     bad = [r for r in table_rows if r.problems and not r.pruned]
     runs = "; ".join(
-        f"{', '.join(run['kernels'])}: subset {run['subset']}, {run['wall_s']:.0f} s"
+        f"{', '.join(run['kernels'])} ({', '.join(run.get('dtypes', report.DTYPES))}): "
+        f"subset {run['subset']}, {run['wall_s']:.0f} s"
         for run in meta["runs"]
     )
     header = (
@@ -229,17 +515,6 @@ def main(argv: list[str] | None = None) -> int:
     write_atomic(RESULTS / "aot.md", header + report.markdown(table_rows) + "\n")
     print(report.text_table(rows))
     print(f"\n{len(rows)} compiles in {elapsed:.0f} s, {len(bad)} with problems", file=sys.stderr)
-    if args.before:
-        table = before_after(args.jobs or None)
-        write_atomic(
-            RESULTS / "aot_before_after.md",
-            "# masked_linear and score_accumulate: configs before and after issue 12\n\n"
-            "Worst row over the variants "
-            + "; ".join(f"`{v}`" for vs in BEFORE_AFTER_VARIANTS.values() for v in vs)
-            + ", per config, dtype and arch.\n\n"
-            + table,
-        )
-        print(table)
     return 0
 
 

@@ -46,11 +46,13 @@ class AotSpec:
     constexprs the launcher derives from the dtype, one mapping per choice it can make (float32
     matmuls may run in IEEE or TF32 precision); each choice is labelled.
     ``tensor_core`` names the dtypes whose ``tl.dot`` must run on tensor cores.
+    ``dtype_configs`` gives a dtype label a config list of its own (float32 matmuls on the CUDA
+    cores need smaller tiles than bf16 ones on the tensor cores).
     ``heavy`` names the variants the resource table is built from (the CI test checks that no
     other variant needs more).
     """
 
-    kernel: object  # the triton.autotune object (its .fn is the jitted kernel)
+    kernel: object  # a triton.autotune object of the kernel (its .fn is the jitted kernel)
     configs: Sequence[triton.Config]
     args: Mapping[str, str]
     variants: Sequence[Variant]
@@ -64,6 +66,13 @@ class AotSpec:
     # A constexpr whose value splits the table: configs are pruned separately for each value
     # (masked_linear's SCORE epilogue needs more registers than the plain matmul).
     table_split: str | None = None
+    # Config lists of their own for some dtype labels (the launcher then runs an autotuner of
+    # its own for them); the others use ``configs``.
+    dtype_configs: Mapping[str, Sequence[triton.Config]] = field(default_factory=dict)
+
+    def configs_for(self, label: str) -> Sequence[triton.Config]:
+        """The autotune configs the launcher runs for a dtype label (fp32, fp32-tf32, ...)."""
+        return self.dtype_configs.get(label, self.configs)
 
     def __post_init__(self) -> None:
         for name, kind in self.args.items():

@@ -26,33 +26,75 @@ from torch import Tensor
 from canfast.ops.registry import ScoreFeed
 
 from ._aot import AotSpec, Variant
-from ._common import configs, dot_dtype, dot_precision, prune_by_resources, size_bucket
+from ._common import (
+    configs,
+    dot_dtype,
+    dot_precision,
+    dtype_label,
+    prune_by_resources,
+    size_bucket,
+)
 from .score_accumulate import alpha_mode, weighted_term
 
-# The autotune candidates on CUDA. Each is compiled ahead of time for sm_80 and sm_90 in every
-# dtype and launcher variant (canfast.kernels.report): none spills in bf16 or fp16, with or
-# without the score epilogue, and each bf16/fp16 dot runs on mma.sync / wgmma (hence 4 warps at
-# least and 64-row tiles). In float32 (IEEE dots on the CUDA cores, and TF32 tiles that need
-# twice the shared memory) some spill or overflow shared memory; the autotuner drops those per
-# call from the compiled-resource table in _resources.py. SCORE_N is the width of the score
-# epilogue's column strips: 16 keeps it to a few registers per thread (32 left the IEEE float32
-# 128x128 tile 16 bytes of spill on sm_80).
-CUDA_CONFIGS = [
-    triton.Config(
-        {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SCORE_N": 16},
-        num_stages=stages,
-        num_warps=warps,
-    )
-    for bm, bn, bk, stages, warps in [
+
+def _configs(tiles: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [
+        triton.Config(
+            {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8, "SCORE_N": 16},
+            num_stages=stages,
+            num_warps=warps,
+        )
+        for bm, bn, bk, stages, warps in tiles
+    ]
+
+
+# The autotune candidates on CUDA, one list per kind of dot, compiled ahead of time for sm_80 and
+# sm_90 (canfast.kernels.report): in the heavy variants and the CI subset none spills, with or
+# without the score epilogue, and all fit the shared memory of both; bench/results/aot_full.md
+# has every variant (the float32 lists complete, bf16/fp16 as far as that run got).
+# SCORE_N is the width of the score epilogue's column strips: 16 keeps it to a few registers per
+# thread (32 left the IEEE float32 128x128 tile 16 bytes of spill on sm_80).
+#
+# bf16 and fp16 on the tensor cores (mma.sync / wgmma, hence 4 warps at least and 64-row tiles).
+# 128x64x32 over 4 warps is left out: ptxas squeezed it into 128 registers with a 16-byte spill
+# on sm_80 in the forward with a shared input mask (bench/results/aot_full.md).
+TENSOR_CORE_CONFIGS = _configs(
+    [
         (128, 128, 64, 4, 8),
         (128, 128, 32, 4, 8),
         (64, 128, 64, 4, 4),
-        (128, 64, 32, 4, 4),
         (64, 128, 32, 4, 4),
         (64, 64, 64, 4, 4),
         (64, 64, 32, 5, 4),
     ]
-]
+)
+# float32 with TF32 dots: a stage's tiles take twice the shared memory of bf16 ones. On sm_80,
+# 64x64x32 tiles spilled in some score epilogues with 4 warps and with 8 (ptxas gave those 64
+# registers), so the small tile is 64x64x16.
+TF32_CONFIGS = _configs(
+    [
+        (128, 128, 32, 4, 8),
+        (128, 128, 16, 4, 8),
+        (128, 64, 32, 4, 8),
+        (64, 128, 32, 4, 8),
+        (64, 64, 16, 4, 4),
+    ]
+)
+# IEEE float32: the dot runs as FMAs on the CUDA cores, and each thread holds its slice of both
+# operand tiles in registers for the whole of BLOCK_K, so the tiles are shallower than the tensor
+# core ones. With BLOCK_K = 32 and 4 warps every tile from 64x64 up spilled on sm_80, and the
+# main loop alone reached 255 registers. Of the tiles tried, two compile clean in every variant
+# on both archs (bench/results/aot_full.md): tiles whose forward needs a little more than 80 or 128
+# registers over 8 warps get squeezed by ptxas into that many (3 or 2 programs per SM) with
+# 4-24 bytes of spill (in one case read in SASS: stored before the main loop, loaded after it):
+# 128x64x16, 64x128x16, 64x64x32 on sm_80 and 64x128x32 on sm_90, in masked forwards. They are
+# left out.
+IEEE_CONFIGS = _configs(
+    [
+        (128, 128, 16, 4, 8),
+        (32, 64, 32, 4, 4),
+    ]
+)
 
 # How a mask is laid out, selected at compile time.
 _NO_MASK = 0
@@ -60,19 +102,6 @@ _SHARED_MASK = 1  # [C]: the same for every row
 _BATCHED_MASK = 2  # [M, C]: one per block of rows
 
 
-@triton.autotune(
-    configs=configs(
-        cuda=CUDA_CONFIGS,
-        # Two score strips per tile, so the interpreter tests run the strip loop.
-        interpreter=triton.Config(
-            {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SCORE_N": 16}
-        ),
-    ),
-    key=["N", "K", "m_bucket"],
-    prune_configs_by={"early_config_prune": prune_by_resources("masked_linear", "x_ptr", "SCORE")},
-    # Benchmarking runs the kernel several times; each run must start from the caller's sums.
-    restore_value=["score_ptr"],
-)
 @triton.jit
 def _masked_linear_kernel(
     x_ptr,
@@ -213,6 +242,36 @@ def _masked_linear_kernel(
                 tl.atomic_add(dst + 2 * stride_sk, g_sum, mask=strip_ok)
 
 
+def _autotuned(cuda: list[triton.Config]):
+    """``_masked_linear_kernel`` autotuned over ``cuda`` (one small config in the interpreter)."""
+    return triton.autotune(
+        configs=configs(
+            cuda=cuda,
+            # Two score strips per tile, so the interpreter tests run the strip loop.
+            interpreter=triton.Config(
+                {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2, "SCORE_N": 16}
+            ),
+        ),
+        key=["N", "K", "m_bucket"],
+        prune_configs_by={
+            "early_config_prune": prune_by_resources("masked_linear", "x_ptr", "SCORE")
+        },
+        # Benchmarking runs the kernel several times; each run must start from the caller's sums.
+        restore_value=["score_ptr"],
+    )(_masked_linear_kernel)
+
+
+# One autotuner per dtype label (canfast.kernels._common.dtype_label), each with its own cache
+# of tuned configs: a float32 call tuned under IEEE dots is not reused after TF32 is allowed.
+_tensor_core = _autotuned(TENSOR_CORE_CONFIGS)
+_AUTOTUNED = {
+    "bf16": _tensor_core,
+    "fp16": _tensor_core,
+    "fp32-tf32": _autotuned(TF32_CONFIGS),
+    "fp32": _autotuned(IEEE_CONFIGS),
+}
+
+
 def _aot_variants() -> list[Variant]:
     """Every constexpr combination the two launchers produce, for canfast.kernels.report."""
     layouts = (_NO_MASK, _SHARED_MASK, _BATCHED_MASK)
@@ -277,8 +336,9 @@ def _aot_dtype_constexprs(dtype: str) -> list[tuple[str, dict]]:
 
 
 AOT = AotSpec(
-    kernel=_masked_linear_kernel,
-    configs=CUDA_CONFIGS,
+    kernel=_tensor_core,
+    configs=TENSOR_CORE_CONFIGS,
+    dtype_configs={"fp32-tf32": TF32_CONFIGS, "fp32": IEEE_CONFIGS},
     args=dict(
         x_ptr="*T",
         w_ptr="*T",
@@ -379,7 +439,8 @@ def _launch(
     def grid(meta: dict) -> tuple[int]:
         return (triton.cdiv(rows, meta["BLOCK_M"]) * triton.cdiv(n_out, meta["BLOCK_N"]),)
 
-    _masked_linear_kernel[grid](
+    precision = dot_precision(x.dtype)
+    _AUTOTUNED[dtype_label(x.dtype, precision)][grid](
         x,
         weight,
         bias,
@@ -413,7 +474,7 @@ def _launch(
         HAS_VALID=valid is not None,
         ALPHA_MODE=alpha_mode(float(feed.alpha)) if feed is not None else 0,
         DOT_DTYPE=dot_dtype(x.dtype),
-        DOT_PRECISION=dot_precision(x.dtype),
+        DOT_PRECISION=precision,
     )
     return y
 

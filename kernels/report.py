@@ -39,7 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from functools import partial
@@ -180,21 +180,24 @@ def covering_variants(aot) -> list[int]:
 SUBSETS = ("ci", "variants", "heavy", "full")
 
 
-def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
-    """The compiles of one kernel, for one of four subsets:
+def jobs_for(
+    module: str, archs: Sequence[str], subset: str, dtypes: Sequence[str] = DTYPES
+) -> list[Job]:
+    """The compiles of one kernel in ``dtypes``, for one of four subsets:
 
     - ``full``: every config x dtype choice x variant x arch;
     - ``heavy``: the same for the kernel's ``heavy`` variants only (the resource table's source);
     - ``variants``: every variant on every arch once;
     - ``ci``: a pairwise covering set of the variants (:func:`covering_variants`) on every arch.
 
-    In the last two the configs and dtype choices are dealt out in turn, so that each of them
-    is compiled at least once per arch as well (a config the autotuner prunes for a dtype is
-    passed over for the next one).
+    In the last two the dtype choices are dealt out in turn, and then every config of each
+    dtype choice's list not compiled yet, so that each is compiled at least once per arch as
+    well (a config the autotuner prunes for a dtype is passed over).
     """
     aot = spec(module)
-    choices = [(d, c) for d in DTYPES for c in range(len(aot.dtype_constexprs(d)))]
+    choices = [(d, c) for d in dtypes for c in range(len(aot.dtype_constexprs(d)))]
     labels = {(d, c): aot.dtype_constexprs(d)[c][0] for d, c in choices}
+    configs = {choice: aot.configs_for(labels[choice]) for choice in choices}
     names = [v.name for v in aot.variants]
     if subset == "ci":
         variants = covering_variants(aot)
@@ -205,41 +208,53 @@ def jobs_for(module: str, archs: Sequence[str], subset: str) -> list[Job]:
     jobs = []
     for arch in archs:
         if subset in ("full", "heavy"):
-            for config in range(len(aot.configs)):
-                for dtype, choice in choices:
+            for dtype, choice in choices:
+                for config in range(len(configs[dtype, choice])):
                     for variant in variants:
                         jobs.append(Job(module, config, dtype, choice, variant, arch))
             continue
-        count = max(len(variants), len(aot.configs), len(choices))
-        unused = list(range(len(aot.configs)))
-        for i in range(count + len(aot.configs)):
-            part = split_of(aot, aot.variants[variants[i % len(variants)]])
+
+        def runnable(choice: tuple[str, int], variant: int, arch: str = arch) -> list[int]:
+            part = split_of(aot, aot.variants[variant])
+            return [
+                c
+                for c, config in enumerate(configs[choice])
+                if not pruned(module, config, labels[choice], arch, part)
+            ]
+
+        unused = {choice: list(range(len(configs[choice]))) for choice in choices}
+        count = max(len(variants), len(choices))
+        for i in range(count):
+            variant = variants[i % len(variants)]
             # The dtype choice in turn, or the next one that has a config left to run.
             for step in range(len(choices)):
-                dtype, choice = choices[(i + step) % len(choices)]
-                runnable = [
-                    c
-                    for c in range(len(aot.configs))
-                    if not pruned(module, aot.configs[c], labels[dtype, choice], arch, part)
-                ]
-                if runnable:
+                choice = choices[(i + step) % len(choices)]
+                if ok := runnable(choice, variant):
                     break
-            if not runnable:
+            if not ok:
                 continue
-            fresh = [c for c in unused if c in runnable]
-            if i >= count and not fresh:
-                continue  # the extra rounds only pick up configs not compiled yet
-            config = fresh[0] if fresh else runnable[i % len(runnable)]
-            if config in unused:
-                unused.remove(config)
-            jobs.append(Job(module, config, dtype, choice, variants[i % len(variants)], arch))
+            fresh = [c for c in unused[choice] if c in ok]
+            config = fresh[0] if fresh else ok[i % len(ok)]
+            if config in unused[choice]:
+                unused[choice].remove(config)
+            jobs.append(Job(module, config, *choice, variant, arch))
+        # Then every config not compiled yet, each with the next variant that runs it.
+        i = count
+        for choice in choices:
+            for config in unused[choice]:
+                for step in range(len(variants)):
+                    variant = variants[(i + step) % len(variants)]
+                    if config in runnable(choice, variant):
+                        jobs.append(Job(module, config, *choice, variant, arch))
+                        i += step + 1
+                        break
     return jobs
 
 
 def _signature(aot, fn, job: Job) -> tuple[dict, dict, dict]:
-    config = aot.configs[job.config]
     variant = aot.variants[job.variant]
-    _, dtype_constexprs = aot.dtype_constexprs(job.dtype)[job.choice]
+    label, dtype_constexprs = aot.dtype_constexprs(job.dtype)[job.choice]
+    config = aot.configs_for(label)[job.config]
     constexprs = {**variant.constexprs, **dtype_constexprs, **config.kwargs}
     signature, attrs = {}, {}
     for index, name in enumerate(fn.arg_names):
@@ -323,9 +338,9 @@ def compile_job(job: Job, configs: Sequence[triton.Config] | None = None) -> Row
 
     aot = spec(job.module)
     if configs is not None:
-        aot = replace(aot, configs=list(configs))
-    config = aot.configs[job.config]
+        aot = replace(aot, configs=list(configs), dtype_configs={})
     label, _ = aot.dtype_constexprs(job.dtype)[job.choice]
+    config = aot.configs_for(label)[job.config]
     variant = aot.variants[job.variant]
     fn = aot.kernel.fn
     if not isinstance(fn, JITFunction):  # imported under TRITON_INTERPRET=1
@@ -384,13 +399,25 @@ def run(
 ) -> list[Row]:
     """Compile ``jobs`` in fresh worker processes, which import the kernels without the
     interpreter even when this process runs under ``TRITON_INTERPRET=1``."""
+    return list(run_iter(jobs, workers, configs))
+
+
+def run_iter(
+    jobs: Iterable[Job],
+    workers: int | None = None,
+    configs: Sequence[triton.Config] | None = None,
+) -> Iterator[Row]:
+    """:func:`run`, yielding the rows in job order as they are ready (a long matrix keeps what
+    finished if it is stopped)."""
     jobs = list(jobs)
+    if not jobs:
+        return
     workers = workers or min(len(jobs), os.cpu_count() or 1) or 1
     saved = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "0"
     try:
         with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            return list(pool.map(partial(compile_job, configs=configs), jobs))
+            yield from pool.map(partial(compile_job, configs=configs), jobs)
     finally:
         if saved is None:
             del os.environ["TRITON_INTERPRET"]
@@ -455,6 +482,14 @@ def parse_archs(text: str) -> list[str]:
     return archs
 
 
+def parse_dtypes(text: str) -> list[str]:
+    dtypes = [d.strip() for d in text.split(",") if d.strip()]
+    unknown = [d for d in dtypes if d not in DTYPES]
+    if not dtypes or unknown:
+        raise ValueError(f"--dtypes: unknown {unknown or text!r}; choose from {', '.join(DTYPES)}")
+    return dtypes
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m canfast.kernels.report",
@@ -463,12 +498,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90")
     parser.add_argument("--subset", choices=SUBSETS, default="full", help="see jobs_for")
     parser.add_argument("--kernels", default="", help="comma-separated kernel names (all)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated data dtypes")
     parser.add_argument("--jobs", type=int, default=0, help="worker processes (one per CPU)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--check", action="store_true", help="exit 1 if a row has a problem")
     args = parser.parse_args(argv)
     try:
         archs = parse_archs(args.arch)
+        dtypes = parse_dtypes(args.dtypes)
         wanted = {k.strip() for k in args.kernels.split(",") if k.strip()}
         modules = [m for m in KERNEL_MODULES if not wanted or kernel_name(m) in wanted]
         if wanted - {kernel_name(m) for m in modules}:
@@ -478,7 +515,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    rows = run([job for m in modules for job in jobs_for(m, archs, args.subset)], args.jobs or None)
+    jobs = [job for m in modules for job in jobs_for(m, archs, args.subset, dtypes)]
+    rows = run(jobs, args.jobs or None)
     if args.json:
         print(json.dumps(as_json(rows), indent=1))
     else:

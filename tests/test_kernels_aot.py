@@ -26,7 +26,7 @@ JOBS = [job for module in report.KERNEL_MODULES for job in report.jobs_for(modul
 def _job_id(job: report.Job) -> str:
     aot = report.spec(job.module)
     label = aot.dtype_constexprs(job.dtype)[job.choice][0]
-    config = report.config_label(aot.configs[job.config]).replace(" ", "-")
+    config = report.config_label(aot.configs_for(label)[job.config]).replace(" ", "-")
     variant = aot.variants[job.variant].name.replace(" ", "-")
     return f"{report.kernel_name(job.module)}-{job.arch}-{label}-{variant}-{config}"
 
@@ -55,13 +55,10 @@ def test_subset_covers_every_kernel_config_dtype_and_arch():
         for arch in ARCHS:
             here = [j for j in jobs if j.arch == arch]
             assert {j.dtype for j in here} == set(report.DTYPES)
-            labels = [label for d in report.DTYPES for label, _ in aot.dtype_constexprs(d)]
-            runnable = {
-                c
-                for c, config in enumerate(aot.configs)
-                if any(not report.pruned(module, config, label, arch) for label in labels)
-            }
-            assert {j.config for j in here} >= runnable
+            for dtype in report.DTYPES:
+                for choice, (label, _) in enumerate(aot.dtype_constexprs(dtype)):
+                    compiled = {j.config for j in here if (j.dtype, j.choice) == (dtype, choice)}
+                    assert compiled == set(range(len(aot.configs_for(label)))), (arch, label)
             # Every pair of settings some variant combines is compiled together.
             covered = set()
             for j in here:
@@ -87,20 +84,26 @@ def test_resource_table_bounds_every_compiled_variant(compiled):
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("module", report.KERNEL_MODULES)
-def test_every_config_runs_clean_in_bf16_and_fp16(module, arch):
-    """Pruning is for float32 only (twice the shared memory per tile, and IEEE dots on the CUDA
-    cores): in bf16 and fp16 every shipped config is clean on both archs, the score epilogue of
-    masked_linear's backward included, and each float32 precision keeps at least one config
-    in every part of the table."""
+def test_every_shipped_config_is_clean_by_construction(module, arch):
+    """No config list ships a config that spills or overflows shared memory on A100 or H100:
+    for every dtype (IEEE float32 and TF32 included), every part of the table and both archs,
+    the compiled-resource table keeps the whole list, so the autotuner's pruning is only a
+    safety net (for GPUs with less shared memory, such as sm_86). A config missing from the
+    table would be kept unchecked, so each must be in it."""
+    from canfast.kernels._resources import RESOURCES
+
     aot = report.spec(module)
+    table = RESOURCES[report.kernel_name(module)]
     for dtype in report.DTYPES:
         for label, _ in aot.dtype_constexprs(dtype):
+            configs = aot.configs_for(label)
+            # IEEE float32 keeps two (see IEEE_CONFIGS in kernels/masked_linear.py).
+            assert len(configs) >= 2, f"{label}: too few configs to tune over"
             for part in {report.split_of(aot, v) for v in aot.variants}:
-                kept = [c for c in aot.configs if not report.pruned(module, c, label, arch, part)]
-                if dtype == "fp32":
-                    assert kept, f"no config left for {label} {part} on {arch}"
-                else:
-                    assert len(kept) == len(aot.configs), f"{label} {part} on {arch}"
+                for config in configs:
+                    key = (arch, label, report.config_label(config), part)
+                    assert key in table, f"{key} missing from kernels/_resources.py"
+                    assert not report.pruned(module, config, label, arch, part), key
 
 
 def test_a_spilling_config_is_caught():
@@ -121,31 +124,35 @@ def test_a_spilling_config_is_caught():
 
 def test_prune_by_resources_follows_the_table_and_the_device(monkeypatch):
     import torch
-    from canfast.kernels._resources import RESOURCES
-    from canfast.kernels.masked_linear import CUDA_CONFIGS
+    from canfast.kernels import _resources
+    from canfast.kernels.masked_linear import IEEE_CONFIGS, TF32_CONFIGS
 
-    table = RESOURCES["masked_linear"]
+    table = _resources.RESOURCES["masked_linear"]
     prune = _common.prune_by_resources("masked_linear", "x_ptr", "SCORE")
     x = types.SimpleNamespace(device=types.SimpleNamespace(type="cuda"), dtype=torch.float32)
     monkeypatch.setattr(_common, "_arch", lambda device: "sm_80")
     for limit in (166912, 101376):  # A100, and consumer Ampere (sm_86)
         monkeypatch.setattr(_common, "_shared_memory_limit", lambda device, limit=limit: limit)
-        for precision in ("ieee", "tf32"):
+        for precision, configs in (("ieee", IEEE_CONFIGS), ("tf32", TF32_CONFIGS)):
             dtype = "fp32" if precision == "ieee" else "fp32-tf32"
-            kept = prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION=precision, SCORE=False)
+            kept = prune(configs, {"x_ptr": x}, DOT_PRECISION=precision, SCORE=False)
             expected = [
                 c
-                for c in CUDA_CONFIGS
+                for c in configs
                 if not table[("sm_80", dtype, _common.config_label(c), "False")][1]
                 and table[("sm_80", dtype, _common.config_label(c), "False")][0] <= limit
             ]
             assert kept == (expected or kept[:1]) and kept
-    # IEEE float32 on A100: the table drops configs that spill or overflow shared memory.
+    # A100: every shipped config fits; a config the table marks as spilling is dropped.
     monkeypatch.setattr(_common, "_shared_memory_limit", lambda device: 166912)
-    assert len(prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee")) < len(CUDA_CONFIGS)
+    assert prune(IEEE_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee", SCORE=True) == IEEE_CONFIGS
+    key = ("sm_80", "fp32", _common.config_label(IEEE_CONFIGS[0]), "True")
+    monkeypatch.setitem(table, key, (table[key][0], True))
+    kept = prune(IEEE_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee", SCORE=True)
+    assert kept == IEEE_CONFIGS[1:]
     # A generation without a table keeps every config; CPU tensors are not pruned.
     monkeypatch.setattr(_common, "_arch", lambda device: None)
-    assert prune(CUDA_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee") == CUDA_CONFIGS
+    assert prune(IEEE_CONFIGS, {"x_ptr": x}, DOT_PRECISION="ieee") == IEEE_CONFIGS
 
 
 def test_ptxas_log_and_occupancy():
