@@ -193,6 +193,7 @@ def estimate_and_can(
     finally:
         for p, flag in zip(model.hf.parameters(), trainable, strict=True):
             p.requires_grad_(flag)
-    can = {s.name: collector.totals[s.name].result()[0] for s in sites}
+    results = collector.totals.results()
+    can = {s.name: results[s.name][0] for s in sites}
     check_signal(can, not custom, *totals)
     return collector.estimate, can
