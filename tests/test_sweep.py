@@ -708,3 +708,20 @@ def test_prefix_reuse_gives_the_metric_of_full_passes(family, unit):
     assert len(reused.shared._records) == 2  # 3 samples in batches of 2
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-5, atol=0)
     assert len(set(got)) > 1
+
+
+def test_prefix_reuse_drops_itself_where_a_replay_is_not_exact():
+    """Mistral 3's Pixtral tower packs every image of a batch into one sequence, which a
+    replay tiled by rows cannot reproduce: the evaluator's first-batch check sees the replay
+    differ from a full pass, drops reuse, and the metric stays that of full passes."""
+    from canfast.sweep.evaluator import Evaluator
+
+    model = tm.wrap("mistral3", seed=3)
+    samples = tm.samples("mistral3", n=2)
+    sites = [s.name for s in model.sites("out")]
+    sets = [NeuronSet(()), NeuronSet(((sites[0], 1), (sites[-1], 2)))]
+    reused = Evaluator(model, samples, sites=sites, batch_size=2, masks_per_pass=2, progress=False)
+    full = Evaluator(model, samples, reuse=False, batch_size=2, masks_per_pass=2, progress=False)
+    got, expected = reused(sets), full(sets)
+    assert not reused.shared.replay
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), rtol=1e-6, atol=0)

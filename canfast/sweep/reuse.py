@@ -38,6 +38,15 @@ def _nbytes(value) -> int:
     return total
 
 
+def _main(outputs) -> torch.Tensor:
+    """The output a model's loss is read from: its logits, or a bare model's hidden states."""
+    for name in ("logits", "last_hidden_state"):
+        value = getattr(outputs, name, None)
+        if isinstance(value, torch.Tensor):
+            return value
+    return outputs[0]
+
+
 class SharedWork:
     """The encoded batches of a sweep's samples and, per batch, the recorded prefix before the
     earliest site of ``sites`` (``replay=False``: no prefix, every pass runs in full)."""
@@ -83,6 +92,28 @@ class SharedWork:
                 if not self.replay:
                     break
                 self._records[index] = self._record(batch)
+                if index == 0 and not self._replays_exactly(batch, self._records[0]):
+                    self.replay = False
+
+    @torch.no_grad()
+    def _replays_exactly(self, batch: Batch, record: prefix.Record | None) -> bool:
+        """Whether a replay of ``batch`` stacked twice gives the logits of a full pass. Some
+        models pack a batch into one sequence (Pixtral's vision tower) where the replay cannot
+        see it, so the first batch is checked once and reuse is dropped if it fails."""
+        if record is None:
+            return True
+        stacked = batch.repeat(2)
+        full = _main(self.model.hf(**model_inputs(self.model, stacked), use_cache=False))
+        try:
+            with prefix.replaying(self._cut, record, None, 2):
+                replayed = _main(
+                    self.model.hf(**model_inputs(self.model, stacked), use_cache=False)
+                )
+        except RuntimeError:
+            return False
+        return replayed.shape == full.shape and bool(
+            torch.allclose(replayed.float(), full.float(), rtol=1e-4, atol=1e-5)
+        )
 
     def around(self, index: int, masks: int) -> AbstractContextManager:
         """The context that the forward pass of batch ``index``, stacked ``masks`` times, runs
