@@ -131,8 +131,3 @@ def sum_exact(values: torch.Tensor, job: Job) -> torch.Tensor:
     buffer = values.to(device=_exchange_device(), dtype=torch.float64)
     dist.all_reduce(buffer, op=dist.ReduceOp.SUM)
     return buffer.cpu()
-
-
-def barrier(job: Job) -> None:
-    if job.distributed:
-        dist.barrier()

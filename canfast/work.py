@@ -48,12 +48,6 @@ class Work:
         if self.journal is not None:
             self.journal.mkdir(parents=True, exist_ok=True)
 
-    def done(self) -> int:
-        """How many chunks the journal holds."""
-        if self.journal is None or not self.journal.is_dir():
-            return 0
-        return sum(1 for _ in self.journal.glob("*.safetensors"))
-
     def map(self, keys: Sequence[str], sizes: Sequence[int], compute: Compute) -> list[Tensor]:
         """The result of every chunk, in the order of ``keys``: from the journal when it is
         there, else computed by the rank it falls to and exchanged (a collective under torchrun:

@@ -53,19 +53,10 @@ def grid_plan(
 
 def search_plan(n: int, ppl0: float, tau: float, onset: float, per_pass: int) -> Plan:
     """k1 and k* of an ordering of ``n`` neurons with as few evaluations as the assumption of a
-    rising curve allows: gallop (k = 1, 2, 4, ..., then n) ``per_pass`` points at a time until
-    collapse, then narrow each stage between its last miss and first hit."""
-    curve = Curve()
+    rising curve allows: the grid plan over the gallop k = 1, 2, 4, ..., n, whose search between
+    its last miss and first hit is then a bisection."""
     gallop = sorted({min(1 << i, n) for i in range(max(n, 1).bit_length() + 1)})
-    for start in range(0, len(gallop), per_pass):
-        group = gallop[start : start + per_pass]
-        for k, ppl in zip(group, (yield group), strict=True):
-            curve.add(k, ppl)
-        if any(collapsed(p, ppl0, tau) for p in curve.ppl):
-            break
-    curve.k1 = yield from _first(curve, lambda p: degraded(p, ppl0, onset), per_pass, True)
-    curve.k_star = yield from _first(curve, lambda p: collapsed(p, ppl0, tau), per_pass, True)
-    return curve
+    return grid_plan(gallop, ppl0, tau, onset, per_pass)
 
 
 def _first(
