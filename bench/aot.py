@@ -11,7 +11,8 @@ stack, shared memory, tensor-core instructions and predicted warps per SM.
 
 ``--full`` compiles every config x dtype x variant x arch instead, appending each row to a log
 as it is ready (``--log``; a rerun skips the rows already there, so the matrix can be run in
-parts, e.g. ``--dtypes bf16,fp16``), and writes the summary ``bench/results/aot_full.md`` and the
+parts, e.g. ``--dtypes bf16,fp16``; the log is not committed, and a missing one starts from the
+rows of the committed ``aot_full.json``), and writes the summary ``bench/results/aot_full.md`` and the
 rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those two from
 the log). ``--before`` writes only ``aot_before_after.md``: the worst row of each
 ``masked_linear`` and ``score_accumulate`` config over a few heavy variants, for the configs on
@@ -262,8 +263,47 @@ def read_log(log: Path) -> tuple[list[dict], list[dict]]:
     return list(rows.values()), runs
 
 
+def seed_log(log: Path) -> int:
+    """Start a missing ``log`` from the committed ``aot_full.json``, so that a fresh clone
+    resumes the matrix where the last run left it instead of compiling it again. Its rows keep
+    what was measured; the fields it does not store (whether the dtype needs tensor cores, the
+    autotuner's pruning, the table split) follow from each row's job, as in a compile. Its run
+    records keep their wall time as ``wall_s``. Returns the rows seeded."""
+    summary = RESULTS / "aot_full.json"
+    if log.exists() or not summary.exists():
+        return 0
+    saved = json.loads(summary.read_text())
+    jobs = {_job_key(j): j for j in full_jobs(list(report.KERNEL_MODULES), list(report.DTYPES))}
+    lines = [json.dumps({"run": {**run, "seeded": True}}) for run in saved["runs"]]
+    if lines:  # the summary holds one wall time, and one count of dropped rows, for its runs
+        first = {**saved["runs"][0], "seeded": True, "wall_s": saved["wall_s"]}
+        first["dropped_compiled"] = saved.get("dropped_compiled", 0)
+        lines[0] = json.dumps({"run": first})
+    # The spilling rows of configs no longer shipped: the record of why they were taken out.
+    lines += [json.dumps({**row, "seeded": True}) for row in saved.get("dropped_spilling", [])]
+    for values in saved["rows"]:
+        row = dict(zip(saved["columns"], values, strict=True))
+        job = jobs.get(_row_key(row))
+        if job is None:
+            continue  # a config no longer shipped
+        aot = report.spec(job.module)
+        variant = aot.variants[job.variant]
+        config = aot.configs_for(row["dtype"])[job.config]
+        split = report.split_of(aot, variant)
+        row["tensor_core_required"] = row["dtype"] in aot.tensor_core
+        row["pruned"] = report.pruned(job.module, config, row["dtype"], job.arch, split)
+        row["split"] = split
+        lines.append(json.dumps(row))
+    log.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(log, "\n".join(lines) + "\n")
+    return len(lines) - len(saved["runs"])
+
+
 def run_full(modules: list[str], dtypes: list[str], workers: int | None, log: Path) -> None:
     """Compile the full matrix into ``log``, one JSON line per row, skipping rows present."""
+    seeded = seed_log(log)
+    if seeded:
+        print(f"{log.name}: started from {seeded} rows of aot_full.json", file=sys.stderr)
     done = {_row_key(r) for r in read_log(log)[0]}
     jobs = [j for j in full_jobs(modules, dtypes) if _job_key(j) not in done]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +329,12 @@ FULL_COLUMNS = (
 )  # fmt: skip
 
 
+DROPPED_COLUMNS = (
+    "kernel", "arch", "dtype", "variant", "config", "registers", "spill_stores", "spill_loads",
+    "stack",
+)  # fmt: skip
+
+
 def _span(values: list[int]) -> str:
     low, high = min(values), max(values)
     return str(low) if low == high else f"{low}-{high}"
@@ -300,14 +346,19 @@ def write_full_summary(log: Path) -> None:
     rows, runs = read_log(log)
     expected = {_job_key(j): j for j in full_jobs(list(report.KERNEL_MODULES), list(report.DTYPES))}
     dropped = [r for r in rows if _row_key(r) not in expected and r["kernel"] in KERNELS]
+    dropped_compiled = sum(run.get("dropped_compiled", 0) for run in runs) + sum(
+        not r.get("seeded") for r in dropped
+    )
     rows = [r for r in rows if _row_key(r) in expected]  # configs no longer shipped drop out
     order = {key: i for i, key in enumerate(expected)}
     rows.sort(key=lambda r: order[_row_key(r)])
     names = [f.name for f in fields(report.Row)]
     parsed = [report.Row(**{n: r[n] for n in names if n in r}) for r in rows]
     # Wall time: from each run's start to its last row (a run may have been stopped).
-    wall = 0.0
+    wall = sum(run.get("wall_s", 0.0) for run in runs if run.get("seeded"))
     for i, run in enumerate(runs):
+        if run.get("seeded"):
+            continue  # its rows carry no finishing time; its wall time came with it
         end = runs[i + 1]["started"] if i + 1 < len(runs) else float("inf")
         done = [r["finished"] for r in rows if run["started"] <= r.get("finished", 0) < end]
         wall += (max(done) - run["started"]) if done else 0.0
@@ -388,7 +439,7 @@ def write_full_summary(log: Path) -> None:
         lines += [
             "",
             "Configs taken out of the shipped lists after this matrix found them spilling, "
-            f"and their spilling rows (of {len(dropped)} rows compiled for configs no longer "
+            f"and their spilling rows (of {dropped_compiled} rows compiled for configs no longer "
             "shipped, not counted above):",
             "",
             "| kernel | arch | dtype | variant | config | regs | spill st/ld (B) | stack |",
@@ -403,7 +454,9 @@ def write_full_summary(log: Path) -> None:
     write_atomic(RESULTS / "aot_full.md", "\n".join(lines) + "\n")
     body = ",\n".join(json.dumps([r[c] for c in FULL_COLUMNS]) for r in rows)
     meta = {"triton": triton.__version__, "compiles": len(rows), "expected": len(expected),
-            "wall_s": round(wall, 1), "runs": runs, "columns": list(FULL_COLUMNS)}  # fmt: skip
+            "wall_s": round(wall, 1), "runs": runs, "columns": list(FULL_COLUMNS),
+            "dropped_compiled": dropped_compiled,
+            "dropped_spilling": [{c: r[c] for c in DROPPED_COLUMNS} for r in spilled]}  # fmt: skip
     head = json.dumps(meta, indent=1)[:-2]
     write_atomic(RESULTS / "aot_full.json", head + ',\n "rows": [\n' + body + "\n ]\n}\n")
 
@@ -443,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {k for k in args.kernels.split(",") if k}
     modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
     if args.full or args.summary:
+        seed_log(args.log)
         if args.full:
             run_full(modules, report.parse_dtypes(args.dtypes), args.jobs or None, args.log)
         write_full_summary(args.log)
