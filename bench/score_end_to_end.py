@@ -9,8 +9,14 @@ site (parameters frozen, exactly what scoring needs) with nothing done to them. 
   and the cpp ``score_accumulate`` kernel reduces them;
 - reference: the torch backend (hooks and the pure-PyTorch reduction).
 
-The paths are timed in interleaved rounds (one run of each per round), so that a noisy
-neighbour slows all of them alike; medians and ratios to the floor are printed.
+The paths are timed in interleaved rounds, one run of each per round in a shuffled order, so
+that a noisy neighbour slows all of them alike. A path's ratio is the median over rounds of its
+time over the floor's time in the same round (paired, so slow drift of the machine cancels);
+median seconds are printed beside it.
+
+The process uses the allocator settings of the ``canfast`` command (``canfast.allocator``) for
+every path alike: with glibc's defaults, how many pages each pass faults in depends on the order
+of its frees more than on its work, and that noise is as large as the differences timed here.
 
 Model: a ~50M-parameter Llama-shaped causal LM with random weights (no download).
 """
@@ -21,6 +27,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -31,6 +38,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 import canfast
 from canfast import ops
+from canfast.allocator import keep_freed_memory
 from canfast.data import Sample
 
 RESULTS = Path(__file__).parent / "results" / "score_end_to_end.json"
@@ -94,24 +102,29 @@ def bare(model: canfast.Model, data: list[Sample], batch_size: int) -> None:
             h.remove()
 
 
-def interleaved_medians(paths: dict, repeats: int) -> dict[str, float]:
-    """The median seconds of each path over ``repeats`` rounds, one run of each per round."""
+def interleaved(paths: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds of each path in each of ``repeats`` rounds, one run of each per round, in an
+    order shuffled per round (seeded), so no path always follows the same one."""
     for fn in paths.values():
         fn()  # warm-up: allocator, thread pool, first-call paths
     times: dict[str, list[float]] = {name: [] for name in paths}
+    order = list(paths)
+    shuffle = random.Random(0).shuffle
     for _ in range(repeats):
-        for name, fn in paths.items():
+        shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
+            paths[name]()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
+    return times
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=21)
     args = parser.parse_args()
+    allocator = keep_freed_memory()
     model = build(args.quick)
     n_params = sum(p.numel() for p in model.hf.parameters())
     # 4 samples of 128 tokens: enough work per pass to time, few enough for a 2-core machine.
@@ -136,11 +149,19 @@ def main() -> None:
         paths["fused (cpp, canfast.score default)"] = scoring("cpp", "fused")
         paths["hooks + kernel (cpp, path=hooks)"] = scoring("cpp", "hooks")
     paths["reference (torch backend, hooks)"] = scoring("torch", "hooks")
-    medians = interleaved_medians(paths, args.repeats)
-    floor = medians["forward+backward (activation grads only)"]
+    times = interleaved(paths, args.repeats)
+    floor = times["forward+backward (activation grads only)"]
     rows = [
-        {"path": name, "seconds": seconds, "ratio": seconds / floor}
-        for name, seconds in medians.items()
+        {
+            "path": name,
+            "seconds": statistics.median(seconds),
+            "ratio": statistics.median(t / f for t, f in zip(seconds, floor, strict=True)),
+            "ratio_range": [
+                min(t / f for t, f in zip(seconds, floor, strict=True)),
+                max(t / f for t, f in zip(seconds, floor, strict=True)),
+            ],
+        }
+        for name, seconds in times.items()
     ]
     load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     tokens = sum(model.encode([s]).inputs["input_ids"].shape[1] for s in data)
@@ -149,10 +170,14 @@ def main() -> None:
         f"{tokens} tokens, {torch.get_num_threads()} threads, {platform.machine()}, "
         f"load average {load:.1f} at the end"
     )
-    print(f"medians of {args.repeats} interleaved rounds")
-    print(f"{'path':48s} {'median s':>9s} {'x floor':>8s}")
+    print(
+        f"{args.repeats} interleaved rounds; allocator settings of the canfast command: "
+        f"{'applied' if allocator else 'not available here'}"
+    )
+    print(f"{'path':48s} {'median s':>9s} {'x floor':>8s} {'range over rounds':>18s}")
     for r in rows:
-        print(f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.2f}")
+        low, high = r["ratio_range"]
+        print(f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.3f} {low:8.3f}-{high:.3f}")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "params": n_params,
@@ -161,6 +186,8 @@ def main() -> None:
         "rows": rows,
         "threads": torch.get_num_threads(),
         "repeats": args.repeats,
+        "ratio": "median over rounds of the path's time over the floor's time in that round",
+        "allocator_settings": allocator,
         "load_average_at_end": load,
         "quick": args.quick,
     }

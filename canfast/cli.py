@@ -498,10 +498,12 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: bad input exits 2 with one line on stderr, never a traceback."""
     import warnings
 
+    from canfast.allocator import keep_freed_memory
     from canfast.errors import BadInput
     from canfast.pipeline import Interrupted
 
     warnings.showwarning = _show_warning
+    keep_freed_memory()  # the command owns its process (see canfast.allocator)
     try:
         main_group.main(args=argv, prog_name="canfast", standalone_mode=False)
     except BadInput as exc:

@@ -29,13 +29,12 @@ except ImportError:  # not built: the dispatcher falls back to the torch referen
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-# Elements per thread of a pass. Every pass here streams memory once, so a thread that reads
-# about 4 MiB of fp32 (a millisecond or less) gains little from a helper, and loses much when the
-# helper's core is held by another process: the team then waits at the region's end for a
-# scheduler slice, several times the pass itself. Torch's GEMMs around the pass face that risk
-# already; a score pass should not add one per site for a gain of a fraction of a millisecond.
-# Large passes (7B-model sites: tens of millions of elements) still get a thread per 1M.
-_ELEMENTS_PER_THREAD = 1 << 20
+# Elements per thread of a pass. Every pass here streams memory once; a thread reading 1 MiB of
+# fp32 takes some 60 microseconds, about what a team costs to start and join, so smaller passes
+# run on one thread. Above that a second thread pays: on this project's 2-core CPU one thread
+# scores a [516, 1728] float32 site (7 MB read) in 0.49 ms and two in 0.35 ms, and the score
+# pass is most of what the fused path adds to a bare backward (bench/score_end_to_end.py).
+_ELEMENTS_PER_THREAD = 1 << 18
 
 
 def _threads(elements: int) -> int:
