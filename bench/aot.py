@@ -12,9 +12,9 @@ stack, shared memory, tensor-core instructions and predicted warps per SM.
 ``--full`` compiles every config x dtype x variant x arch instead, appending each row to a log
 as it is ready (``--log``; a rerun skips the rows already there, so the matrix can be run in
 parts, e.g. ``--dtypes bf16,fp16``; the log is not committed, and a missing one starts from the
-rows of the committed ``aot_full.json``), and writes the summary ``bench/results/aot_full.md`` and the
-rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those two from
-the log). ``--before`` writes only ``aot_before_after.md``: the worst row of each
+rows of the committed ``aot_full.json``), and writes the summary ``bench/results/aot_full.md``
+and the rows, compactly, to ``bench/results/aot_full.json`` (``--summary`` only rewrites those
+two from the log). ``--before`` writes only ``aot_before_after.md``: the worst row of each
 ``masked_linear`` and ``score_accumulate`` config over a few heavy variants, for the configs on
 main before issue 12 and now.
 ``bench/roofline_triton.py`` turns ``aot.json`` into the tables of ``bench/roofline_triton.md``.
