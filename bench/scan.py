@@ -2,9 +2,10 @@
 screening against the full exact scan.
 
 1. Full exact scan. A LLaVA-shaped model with random weights (CLIP tower, projector, Llama LM
-   with a 32k vocabulary, about 30M parameters); 8 samples of 64 image tokens, 16 prompt tokens
+   with a 32k vocabulary; ``--shape llava``, 49M parameters, LLaVA-1.5-7b's proportions, or
+   ``--shape skinny``, 32M, a 128-wide LM); 8 samples of 64 image tokens, 16 prompt tokens
    and 16 target tokens. Every ``down`` and ``mid`` neuron of one early and one late language
-   layer.
+   layer. Results go to ``results/scan.json`` (``scan_skinny.json`` for the skinny shape).
    - naive: what a user writes: a hook zeroes one neuron, one full forward per neuron. It is
      timed on a sample of neurons per site (the whole loop would take hours here) and its
      per-neuron time is multiplied out; the deltas of those neurons are compared with canfast's.
@@ -46,6 +47,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import canfast
 from canfast import prefix, target_logits
 from canfast.ablation import Ablator
+from canfast.allocator import keep_freed_memory
 from canfast.data import Sample
 from canfast.model import IGNORE
 from canfast.neuron_scan import _flatten, _screen_order, scan
@@ -54,7 +56,26 @@ RESULTS = Path(__file__).parent / "results" / "scan.json"
 IMAGE_TOKEN = "<image>"
 
 
-def build_llava(quick: bool) -> canfast.Model:
+# Vision tower and language model of the bench model, as (vision, language) config fields.
+SHAPES = {
+    # LLaVA-1.5-7b's proportions at about 1/8 of its widths: the language model is 2x as wide
+    # as the vision tower (4096 and 1024 there), its FFN 2.7x its width, and it holds most of
+    # the parameters (with the 32k vocabulary's embedding and head).
+    "llava": (
+        dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4),
+        dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4),
+    ),
+    # A 128-wide language model behind a 512-wide vision tower: the naive loop is cheap (the
+    # tower is most of its cost), and the language model's elementwise work (norms, rotary,
+    # SiLU) weighs as much as its products, which a real model's width does not let it.
+    "skinny": (
+        dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=7),
+        dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4),
+    ),
+}
+
+
+def build_llava(quick: bool, shape: str = "llava") -> canfast.Model:
     from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, processors
     from transformers import (
         CLIPVisionConfig,
@@ -95,9 +116,7 @@ def build_llava(quick: bool) -> canfast.Model:
         image_token=IMAGE_TOKEN,
         num_additional_image_tokens=1,
     )
-    # Sized so that the full scan (1,024 neurons) fits a benchmark run on a shared 2-core CPU.
-    vision = dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=7)
-    language = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=4)
+    vision, language = SHAPES[shape]
     if quick:
         vision = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2)
         language = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3)
@@ -216,8 +235,8 @@ def _matmul_rate(
     return flops / wall, flops / cpu
 
 
-def full_scan_bench(quick: bool, naive_per_site: int) -> dict:
-    model = build_llava(quick)
+def full_scan_bench(quick: bool, naive_per_site: int, shape: str = "llava") -> dict:
+    model = build_llava(quick, shape)
     params = sum(p.numel() for p in model.hf.parameters())
     vocab = model.hf.config.text_config.vocab_size
     samples = llava_samples(8, vocab - 1)
@@ -393,23 +412,31 @@ def screening_bench(samples_n: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small shapes, a smoke run")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="llava", help="bench model")
     parser.add_argument("--naive-per-site", type=int, default=4)
     parser.add_argument("--screen-samples", type=int, default=4)
     parser.add_argument(
         "--screening-only", action="store_true", help="rerun part 2, keep part 1's results"
     )
     args = parser.parse_args()
+    # As `canfast sweep --sweep-kind single` runs: with the command's allocator settings.
+    allocator = keep_freed_memory()
     torch.manual_seed(0)
     report = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "allocator_settings": allocator,
+        "shape": args.shape,
         # The machine may be shared: the 1, 5 and 15 minute load averages around the run.
         "load_average_start": list(os.getloadavg()),
     }
     if args.screening_only:
-        report["full"] = json.loads(RESULTS.read_text())["full"]
+        saved = RESULTS if args.shape == "llava" else RESULTS.with_name(f"scan_{args.shape}.json")
+        report["full"] = json.loads(saved.read_text())["full"]
     else:
-        report["full"] = full_scan_bench(args.quick, 2 if args.quick else args.naive_per_site)
+        report["full"] = full_scan_bench(
+            args.quick, 2 if args.quick else args.naive_per_site, args.shape
+        )
     report["screening"] = screening_bench(2 if args.quick else args.screen_samples)
     report["load_average_end"] = list(os.getloadavg())
     full, screening = report["full"], report["screening"]
@@ -440,8 +467,9 @@ def main() -> None:
         print(f"{label:<{width}}  {value}")
     print(json.dumps(screening["top100_found_by_screen_alone"]))
     if not args.quick:
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        RESULTS.write_text(json.dumps(report, indent=2, default=float) + "\n")
+        out = RESULTS if args.shape == "llava" else RESULTS.with_name(f"scan_{args.shape}.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2, default=float) + "\n")
 
 
 if __name__ == "__main__":

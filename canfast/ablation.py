@@ -4,7 +4,8 @@ For each site and data batch, one record pass keeps what precedes the site
 (:mod:`canfast.prefix`); then blocks of ``n`` neurons are ablated at once: the site's recorded
 output is expanded ``n`` times with one neuron removed per copy (``ops.ablate_expand``), and only
 what follows the site runs, on the batch tiled ``n`` times, with target-only logits. The block
-size follows a token budget; an out-of-memory error halves it and the scan goes on.
+size follows a token budget (:func:`block_tokens`); an out-of-memory error halves it and the
+scan goes on.
 """
 
 from __future__ import annotations
@@ -31,6 +32,30 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+# Tokens of a block on a GPU: enough rows that each product of the replay fills the device.
+GPU_BLOCK_TOKENS = 1 << 16
+# Bytes of a block's widest activation on the CPU. Every elementwise step of the replay (norms,
+# rotary, SiLU, the residual adds) streams a tensor this size, once per layer: kept in the last
+# level cache's range and under glibc's largest mmap threshold (32 MiB, which the canfast command
+# pins; see canfast.allocator), it comes from memory already mapped instead of faulting in fresh
+# zeroed pages for every step. On a 49M LLaVA-shaped model (bench/scan.py) a block of 4K tokens
+# (22 MB at the FFN) ran an early layer's scan 1.6x faster than one of 64K tokens (360 MB).
+CPU_BLOCK_BYTES = 24 << 20
+
+
+def block_tokens(model: Model) -> int:
+    """The default token budget of an ablation block: :data:`GPU_BLOCK_TOKENS` on an
+    accelerator; on the CPU, as many tokens as keep the widest FFN activation of the block
+    (the ``mid`` width of the model's widest FFN) within :data:`CPU_BLOCK_BYTES`."""
+    if model.device.type != "cpu":
+        return GPU_BLOCK_TOKENS
+    widths = [s.channels for s in model.all_sites("mid")] or [
+        s.channels for s in model.all_sites("out")
+    ]
+    per_token = max(widths, default=1) * torch.finfo(model.dtype).bits // 8
+    return max(1, CPU_BLOCK_BYTES // max(per_token, 1))
+
+
 def down_weight(site: Site) -> Tensor:
     """The site's weight in ``nn.Linear`` layout ``[out, in]``."""
     weight = site.module.weight
@@ -50,13 +75,15 @@ class Ablator:
         batches: Sequence[Batch],
         objective: Objective | None = None,
         backend: str = "auto",
-        max_batch_tokens: int = 1 << 16,
+        max_batch_tokens: int | None = None,
         progress: bool = True,
     ) -> None:
         self.model = model
         self.batches = list(batches)
         self.objective = objective
         self.backend = backend
+        if max_batch_tokens is None:
+            max_batch_tokens = block_tokens(model)
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.progress = progress
         self.block_limit: int | None = None  # lowered for good after an out-of-memory error

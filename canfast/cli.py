@@ -270,9 +270,9 @@ SWEEP = OptionGroup(
     option(
         "--max-batch-tokens",
         type=click.IntRange(min=1),
-        default=1 << 16,
-        show_default=True,
-        help="single: tokens per ablation block (blocks halve on out-of-memory).",
+        default=None,
+        help="single: tokens per ablation block (blocks halve on out-of-memory). Default: 65536 "
+        "on a GPU; on the CPU, as many as keep a block's widest FFN activation within 24 MiB.",
     ),
 )
 OUTPUT = OptionGroup(

@@ -39,7 +39,6 @@ SCREENS = ("estimate", "can", "both")
 SCAN_FILE = "scan.safetensors"
 SUMMARY_FILE = "scan.json"
 FIELDS = ("delta", "estimate", "can")
-DEFAULT_MAX_BATCH_TOKENS = 1 << 16
 # Neurons per chunk of work: small enough that a killed scan loses little and that ranks share
 # evenly, large enough that a chunk's own cost (its file) is nothing beside its ablations.
 CHUNK_NEURONS = 256
@@ -391,7 +390,7 @@ def scan(
     calibrate: int | None = None,
     screen: str = "estimate",
     alpha: float = 0.5,
-    max_batch_tokens: int = DEFAULT_MAX_BATCH_TOKENS,
+    max_batch_tokens: int | None = None,
     max_new_tokens: int = 32,
     seed: int = 0,
     can: Scores | None = None,
@@ -405,7 +404,9 @@ def scan(
       (``estimate``: |first-order estimate|; ``can``; ``both``: alternating) plus ``calibrate``
       random others (default 2% of the neurons, at least 64); the rest keep NaN.
     - Blocks of neurons share a forward, sized so that a block holds at most
-      ``max_batch_tokens`` tokens; an out-of-memory error halves the block.
+      ``max_batch_tokens`` tokens (None: :func:`canfast.ablation.block_tokens`, 64K on a GPU,
+      fewer on the CPU so a block's activations stay cache-sized); an out-of-memory error
+      halves the block.
     - ``can``: CAN scores already computed on these samples and targets (a sweep's ranking);
       scored here when absent.
     - ``work``: where the chunks of exact ablations (up to ``CHUNK_NEURONS`` neurons of one

@@ -487,3 +487,40 @@ def test_cli_single_writes_the_scan_and_its_report(tmp_path):
     )
     assert too_many.returncode == 2 and "--verify-top 100000" in too_many.stderr
     assert not (tmp_path / "t" / "scan.json").exists()
+
+
+def test_block_budget_on_the_cpu_keeps_the_widest_ffn_activation_within_its_bytes():
+    model = tiny_models.wrap("llava", dtype=torch.float64)
+    widest = max(s.channels for s in model.all_sites("mid"))
+    tokens = ablation.block_tokens(model)
+    assert tokens == ablation.CPU_BLOCK_BYTES // (widest * 8)
+    assert tokens * widest * 8 <= ablation.CPU_BLOCK_BYTES < (tokens + 1) * widest * 8
+    # The Ablator and the scan take it when no budget is given.
+    assert ablation.Ablator(model, []).max_batch_tokens == tokens
+    assert ablation.Ablator(model, [], max_batch_tokens=64).max_batch_tokens == 64
+
+
+def test_block_budget_on_an_accelerator_is_the_gpu_default():
+    class OnGpu:
+        device = torch.device("cuda")
+        dtype = torch.bfloat16
+
+    assert ablation.block_tokens(OnGpu()) == ablation.GPU_BLOCK_TOKENS
+
+
+def test_scan_with_the_default_budget_equals_one_block_per_site(monkeypatch):
+    """The default CPU budget, made small enough here to cut each site into blocks of three
+    neurons, gives the deltas of one block holding every neuron."""
+    model = tiny_models.wrap("llava", dtype=torch.float64)
+    samples = _samples("llava")
+    whole = scan(model, samples, sites="language.*.down", targets="given", batch_size=2,
+                 max_batch_tokens=10**7, progress=False)  # fmt: skip
+    widest = max(s.channels for s in model.all_sites("mid"))
+    tokens = model.encode(samples[:2]).labels.numel()
+    monkeypatch.setattr(ablation, "CPU_BLOCK_BYTES", 3 * tokens * widest * 8)
+    assert ablation.block_tokens(model) // tokens == 3
+    assert all(model.site(name).channels > 3 for name in whole.sites)
+    blocks = scan(model, samples, sites="language.*.down", targets="given", batch_size=2,
+                  progress=False)  # fmt: skip
+    for name in whole.sites:
+        _assert_close_relative(blocks[name], whole[name].double(), rtol=1e-9)

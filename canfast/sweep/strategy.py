@@ -66,7 +66,7 @@ class SweepConfig:
     verify_top: int | None = None
     calibrate: int | None = None
     screen: str = "estimate"
-    max_batch_tokens: int = 1 << 16
+    max_batch_tokens: int | None = None
     criterion: str = "ratio"
     search: bool = False
 
