@@ -13,7 +13,14 @@ from canfast import ablation, prefix
 from canfast.data import batches
 from canfast.errors import BadInput
 from canfast.model import IGNORE
-from canfast.neuron_scan import Scan, estimated_recall, scan, spearman
+from canfast.neuron_scan import (
+    Scan,
+    calibration_probabilities,
+    draw_calibration,
+    estimated_recall,
+    scan,
+    spearman,
+)
 from tests import tiny_models
 
 UNITS = ("out", "mid")
@@ -305,6 +312,57 @@ def test_recall_estimate_is_exact_with_a_full_census():
     assert found["screened_above_threshold"] == 2 and found["calibration_above_threshold"] == 1
 
 
+@pytest.mark.parametrize("pool, size", [(13, 8), (10, 3), (500, 64), (64, 64)])
+def test_calibration_probabilities_sum_to_the_sample_and_favour_the_screens_near_misses(pool, size):
+    p = calibration_probabilities(pool, size)
+    assert p.shape == (pool,) and float(p.sum()) == pytest.approx(size)
+    assert bool((p > 0).all()) and bool((p <= 1).all())
+    assert bool((p[:-1] >= p[1:] - 1e-12).all())  # never less likely higher in the order
+    # Half of every probability is the uniform share, so no weight exceeds 2x a uniform one.
+    assert float(p.min()) >= 0.5 * size / pool - 1e-12
+
+
+def test_calibration_draws_each_place_with_its_probability():
+    p = calibration_probabilities(40, 6)
+    counts = torch.zeros(40, dtype=torch.float64)
+    draws = 4000
+    for seed in range(draws):
+        places = draw_calibration(p, torch.Generator().manual_seed(seed))
+        assert len(places) == 6 and len(set(places)) == 6
+        counts[places] += 1
+    # Binomial standard error of a frequency is at most 0.5 / sqrt(draws) = 0.008.
+    assert float((counts / draws - p).abs().max()) < 0.04
+
+
+def test_weighted_recall_estimate_is_unbiased_where_uniform_sampling_mostly_sees_nothing():
+    # 2,000 unscreened neurons in the screen's order; the true top-50 has 40 screened and 10
+    # just below the screen's cut (places 0-9), as a good screen leaves them.
+    screened = list(range(50))
+    delta = torch.full((2050,), 0.01, dtype=torch.float64)
+    delta[:40] = torch.linspace(10, 5, 40)
+    delta[40:50] = torch.linspace(2.9, 2, 10)  # screened, but not in the top 50
+    delta[50:60] = torch.linspace(4, 3, 10)  # the misses
+    rest = list(range(50, 2050))
+    truth = 40 / 50
+    p = calibration_probabilities(len(rest), 64)
+    estimates, uniform = [], []
+    for seed in range(300):
+        places = draw_calibration(p, torch.Generator().manual_seed(seed))
+        cal = [rest[i] for i in places]
+        got = estimated_recall(delta, screened, cal, len(rest), [float(p[i]) for i in places])
+        estimates.append((got["missed_estimate"], got["recall"]))
+        picks = torch.randperm(len(rest), generator=torch.Generator().manual_seed(seed))[:64]
+        flat = estimated_recall(delta, screened, [rest[i] for i in picks.tolist()], len(rest))
+        uniform.append(flat["recall"])
+    # Every miss lies above the threshold (the 50th |delta| measured), so the weighted count of
+    # the misses drawn estimates the 10 without bias, and the recall lies near the truth.
+    assert sum(m for m, _ in estimates) / len(estimates) == pytest.approx(10, rel=0.05)
+    assert abs(sum(r for _, r in estimates) / len(estimates) - truth) < 0.03
+    # A uniform sample of 64 from 2,000 draws none of the 10 misses about 72% of the time, and
+    # then says recall 1.0.
+    assert sum(r == 1.0 for r in uniform) > 150
+
+
 def test_screening_finds_the_planted_neurons_and_says_so():
     # Constructed: only three output channels of language.1.down are alive, so the exact top-3
     # by |delta| is known, the estimate of every dead channel is exactly 0, and no calibration
@@ -335,8 +393,10 @@ def test_screening_finds_the_planted_neurons_and_says_so():
     info = screened.overview["screening"]
     assert info["verify_top"] == 3 and info["calibration"] == 8
     assert info["recall"] == 1.0 and info["calibration_above_threshold"] == 0
-    # No hit in 8 draws from 13 bounds the miss rate at 3/8 (rule of three): 13 * 3/8 missed.
-    assert info["recall_lower_95"] == pytest.approx(3 / (3 + 13 * 3 / 8))
+    # No hit: the rule of three at the smallest inclusion probability of the 13 left out bounds
+    # the missed at 3 / p_min (at most the 13 themselves).
+    least = float(calibration_probabilities(13, 8).min())
+    assert info["recall_lower_95"] == pytest.approx(3 / (3 + min(13, 3 / least)))
     assert screened.overview["exact_ablations"] == 11
 
 
