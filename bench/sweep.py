@@ -1,9 +1,9 @@
 """Sweeps: canfast's curve against the naive loop, --search against a step-1 linear scan, two
 gloo ranks against one process, and the cost of keeping chunks for --resume.
 
-1. Curve over 64 k values. The LLaVA-shaped random model of ``bench/scan.py`` (CLIP tower,
-   projector, Llama LM, 32k vocabulary, about 30M parameters) and its 8 samples; the masks are
-   the top-k language neurons of a CAN score, k = 16, 32, ..., 1024.
+1. Curve over 64 k values. The LLaVA-shaped random model of ``bench/scan.py`` in its skinny
+   shape (CLIP tower, projector, 128-wide Llama LM, 32k vocabulary, 32M parameters) and its 8
+   samples; the masks are the top-k language neurons of a CAN score, k = 16, 32, ..., 1024.
    - naive: what the public scripts do: forward hooks zero the masked channels, one full
      forward per k (vision tower included), logits over the whole vocabulary at every position.
    - canfast: ``Evaluator`` as a sweep runs it (8 masks per pass, prefix reuse, target-only
@@ -110,7 +110,7 @@ def full_logits():
 
 
 def curve_bench(quick: bool, rounds: int) -> dict:
-    model = build_llava(quick)
+    model = build_llava(quick, "skinny")
     vocab = model.hf.config.text_config.vocab_size
     samples = llava_samples(8, vocab)
     language = [s.name for s in model.sites("out") if s.component == "language"]
@@ -237,7 +237,7 @@ def ranks_bench(samples_n: int) -> dict:
 
 
 def resume_bench(quick: bool, rounds: int) -> dict:
-    model = build_llava(quick)
+    model = build_llava(quick, "skinny")
     samples = llava_samples(8, model.hf.config.text_config.vocab_size)
     language = [s.name for s in model.sites("out") if s.component == "language"]
     scores = canfast.score(model, samples, sites=language, targets="given", progress=False)
