@@ -58,9 +58,9 @@ IMAGE_TOKEN = "<image>"
 
 # Vision tower and language model of the bench model, as (vision, language) config fields.
 SHAPES = {
-    # LLaVA-1.5-7b's proportions at about 1/8 of its widths: the language model is 2x as wide
-    # as the vision tower (4096 and 1024 there), its FFN 2.7x its width, and it holds most of
-    # the parameters (with the 32k vocabulary's embedding and head).
+    # Shaped like LLaVA-1.5-7b, scaled down: the language model is wider than the vision tower
+    # (512 and 256 here; 4096 and 1024 there), its FFN 2.7x its width as there, and it holds most
+    # of the parameters (with the 32k vocabulary's embedding and head).
     "llava": (
         dict(hidden_size=256, intermediate_size=1024, num_hidden_layers=4),
         dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=4),
