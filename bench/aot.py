@@ -301,9 +301,6 @@ def seed_log(log: Path) -> int:
 
 def run_full(modules: list[str], dtypes: list[str], workers: int | None, log: Path) -> None:
     """Compile the full matrix into ``log``, one JSON line per row, skipping rows present."""
-    seeded = seed_log(log)
-    if seeded:
-        print(f"{log.name}: started from {seeded} rows of aot_full.json", file=sys.stderr)
     done = {_row_key(r) for r in read_log(log)[0]}
     jobs = [j for j in full_jobs(modules, dtypes) if _job_key(j) not in done]
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -496,7 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     wanted = {k for k in args.kernels.split(",") if k}
     modules = [m for m in report.KERNEL_MODULES if not wanted or report.kernel_name(m) in wanted]
     if args.full or args.summary:
-        seed_log(args.log)
+        seeded = seed_log(args.log)
+        if seeded:
+            print(f"{args.log.name}: started from {seeded} rows of aot_full.json", file=sys.stderr)
         if args.full:
             run_full(modules, report.parse_dtypes(args.dtypes), args.jobs or None, args.log)
         write_full_summary(args.log)

@@ -49,11 +49,9 @@ def block_tokens(model: Model) -> int:
     (the ``mid`` width of the model's widest FFN) within :data:`CPU_BLOCK_BYTES`."""
     if model.device.type != "cpu":
         return GPU_BLOCK_TOKENS
-    widths = [s.channels for s in model.all_sites("mid")] or [
-        s.channels for s in model.all_sites("out")
-    ]
-    per_token = max(widths, default=1) * torch.finfo(model.dtype).bits // 8
-    return max(1, CPU_BLOCK_BYTES // max(per_token, 1))
+    sites = model.all_sites("mid") or model.all_sites("out")
+    per_token = max((s.channels for s in sites), default=1) * model.dtype.itemsize
+    return max(1, CPU_BLOCK_BYTES // per_token)
 
 
 def down_weight(site: Site) -> Tensor:

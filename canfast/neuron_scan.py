@@ -353,19 +353,18 @@ def calibration_probabilities(pool: int, size: int) -> Tensor:
     """
     if size >= pool:
         return torch.ones(pool, dtype=torch.float64)
-    place = torch.arange(1, pool + 1, dtype=torch.float64)
-    harmonic = 1.0 / place
+    harmonic = 1.0 / torch.arange(1, pool + 1, dtype=torch.float64)
     share = CALIBRATION_UNIFORM_SHARE
     weights = share * size / pool + (1 - share) * size * harmonic / harmonic.sum()
-    # Cap at 1 and give the excess to the rest, in proportion, until nothing exceeds 1 (the
-    # weights fall with the place, so the capped ones are a prefix).
-    capped = 0
-    while capped < pool and float(weights[capped]) > 1.0:
-        rest = weights[capped + 1 :]
-        weights[capped + 1 :] = rest * (size - capped - 1) / float(rest.sum())
-        weights[capped] = 1.0
-        capped += 1
-    return weights.clamp_max(1.0)
+    # Capped at 1, the excess goes to the rest in proportion. The weights fall with the place,
+    # so the capped ones are the first k: the first place whose weight, scaled to carry the
+    # size - k left over its suffix, stays within 1.
+    suffix = weights.flip(0).cumsum(0).flip(0)
+    left = size - torch.arange(pool, dtype=torch.float64)
+    capped = int((left * weights <= suffix).nonzero()[0])
+    out = torch.ones(pool, dtype=torch.float64)
+    out[capped:] = weights[capped:] * (size - capped) / suffix[capped]
+    return out
 
 
 def draw_calibration(probabilities: Tensor, generator: torch.Generator) -> list[int]:
@@ -406,10 +405,12 @@ def estimated_recall(
     measured = delta[screened + calibration].abs()
     if n == 0 or len(measured) == 0:
         return {"recall": None, "method": "nothing screened"}
-    if probabilities is None:
-        probabilities = [len(calibration) / pool] * len(calibration) if pool else []
-        least = len(calibration) / pool if pool else None
+    if probabilities is None:  # a uniform sample
+        least = len(calibration) / pool if pool else 0.0
+        probabilities = [least] * len(calibration)
     p = torch.tensor(list(probabilities), dtype=torch.float64)
+    if least is None:
+        least = float(p.min()) if len(p) else 0.0
     threshold = float(torch.sort(measured, descending=True).values[n - 1])
     found = int((delta[screened].abs() >= threshold).sum())
     above = (delta[calibration].abs() >= threshold) if calibration else torch.zeros(0, dtype=bool)
@@ -419,7 +420,6 @@ def estimated_recall(
         variance = float(((1.0 - p[above]) / p[above].square()).sum())
         missed_high = missed + 1.645 * math.sqrt(variance)
     else:
-        least = least if least is not None else (float(p.min()) if len(p) else 0.0)
         missed_high = 3.0 / least if least > 0 else float(pool)
     missed_high = min(float(pool), missed_high)
     recall = found / (found + missed) if found + missed > 0 else None
