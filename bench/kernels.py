@@ -252,14 +252,6 @@ def gpu_roofline() -> list[dict]:
     return table
 
 
-def bench_score_end_to_end() -> dict | None:
-    """End-to-end CAN scoring benchmark: the lead's slot, intentionally not written here.
-
-    Returns None until it is filled in; ``main`` then leaves it out of the table and JSON.
-    """
-    return None
-
-
 # ----------------------------------------------------------------------------------------------
 
 
@@ -303,7 +295,6 @@ def main(argv: list[str] | None = None) -> int:
             rows=2048, k=INTERMEDIATE, n=HIDDEN, rounds=max(3, rounds // 2)
         )
     roofline = gpu_roofline()
-    end_to_end = bench_score_end_to_end()
 
     info = machine()
     print(
@@ -370,8 +361,6 @@ def main(argv: list[str] | None = None) -> int:
             "kernels": roofline,
         },
     }
-    if end_to_end is not None:
-        payload["score_end_to_end"] = end_to_end
     _write_json(args.out, payload)
     print(f"\nwrote {args.out}")
     return 0

@@ -12,7 +12,9 @@ site (parameters frozen, exactly what scoring needs) with nothing done to them. 
 The paths are timed in interleaved rounds, one run of each per round in a shuffled order, so
 that a noisy neighbour slows all of them alike. A path's ratio is the median over rounds of its
 time over the floor's time in the same round (paired, so slow drift of the machine cancels);
-median seconds are printed beside it.
+median seconds are printed beside it, with a 95% bootstrap interval of that median: on a shared
+2-core machine single rounds range over tens of percent, and the interval says how far the
+median could move on a rerun.
 
 The process uses the allocator settings of the ``canfast`` command (``canfast.allocator``) for
 every path alike: with glibc's defaults, how many pages each pass faults in depends on the order
@@ -119,10 +121,18 @@ def interleaved(paths: dict, repeats: int) -> dict[str, list[float]]:
     return times
 
 
+def median_interval(values: list[float], resamples: int = 2000) -> list[float]:
+    """A 95% bootstrap interval of the median: how far the quoted ratio could move on a rerun
+    of this noisy machine."""
+    draw = random.Random(0).choices
+    medians = sorted(statistics.median(draw(values, k=len(values))) for _ in range(resamples))
+    return [medians[int(0.025 * resamples)], medians[int(0.975 * resamples) - 1]]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a tiny model, for a smoke run")
-    parser.add_argument("--repeats", type=int, default=21)
+    parser.add_argument("--repeats", type=int, default=41)
     args = parser.parse_args()
     allocator = keep_freed_memory()
     model = build(args.quick)
@@ -151,18 +161,18 @@ def main() -> None:
     paths["reference (torch backend, hooks)"] = scoring("torch", "hooks")
     times = interleaved(paths, args.repeats)
     floor = times["forward+backward (activation grads only)"]
-    rows = [
-        {
-            "path": name,
-            "seconds": statistics.median(seconds),
-            "ratio": statistics.median(t / f for t, f in zip(seconds, floor, strict=True)),
-            "ratio_range": [
-                min(t / f for t, f in zip(seconds, floor, strict=True)),
-                max(t / f for t, f in zip(seconds, floor, strict=True)),
-            ],
-        }
-        for name, seconds in times.items()
-    ]
+    rows = []
+    for name, seconds in times.items():
+        ratios = [t / f for t, f in zip(seconds, floor, strict=True)]
+        rows.append(
+            {
+                "path": name,
+                "seconds": statistics.median(seconds),
+                "ratio": statistics.median(ratios),
+                "ratio_ci95": median_interval(ratios),
+                "ratio_range": [min(ratios), max(ratios)],
+            }
+        )
     load = os.getloadavg()[0]  # the machine is shared: say how busy it was
     tokens = sum(model.encode([s]).inputs["input_ids"].shape[1] for s in data)
     print(
@@ -174,10 +184,14 @@ def main() -> None:
         f"{args.repeats} interleaved rounds; allocator settings of the canfast command: "
         f"{'applied' if allocator else 'not available here'}"
     )
-    print(f"{'path':48s} {'median s':>9s} {'x floor':>8s} {'range over rounds':>18s}")
+    print(f"{'path':48s} {'median s':>9s} {'x floor':>8s} {'95% interval':>14s} {'range':>14s}")
     for r in rows:
         low, high = r["ratio_range"]
-        print(f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.3f} {low:8.3f}-{high:.3f}")
+        ci_low, ci_high = r["ratio_ci95"]
+        print(
+            f"{r['path']:48s} {r['seconds']:9.3f} {r['ratio']:8.3f} "
+            f"{ci_low:7.3f}-{ci_high:.3f} {low:7.3f}-{high:.3f}"
+        )
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     summary = {
         "params": n_params,

@@ -120,21 +120,39 @@ class Route:
         self.out_mask, self.in_mask, self.sinks = out_mask, in_mask, sinks
         self.backend = self.layers[-1].backend if self.layers else "auto"
         self.batched = any(m is not None and m.dim() == 2 for m in (out_mask, in_mask))
+        self.plan: ops.LinearPlan | None = None
+        self.planned_for: tuple = ()
+
+    def _plan(self) -> ops.LinearPlan:
+        """The checked op for the module's current weight and bias: made again when either is
+        replaced or moved (``param.data = ...``, ``.to()``); writes in place need nothing."""
+        weight, bias = self.module.weight, self.module.bias
+        # The plan holds the weight's and bias's storage, so no other tensor can take over an
+        # identity and an address both while it lives.
+        key = (id(weight), weight.data_ptr(), id(bias), bias.data_ptr() if bias is not None else 0)
+        if self.plan is None or key != self.planned_for:
+            self.plan = ops.LinearPlan.of(
+                weight.t() if self.transposed else weight,
+                bias,
+                self.out_mask,
+                self.in_mask,
+                backend=self.backend,
+            )
+            self.planned_for = key
+        return self.plan
 
     def __call__(self, x: Tensor) -> Tensor:
         if self.batched and x.dim() == 3 and x.shape[0] == 1:
             # One packed sequence holds every image of the batch (Pixtral): the blocks of a
             # batch of masks follow each other along it.
             return self(x[0])[None]
-        module = self.module
-        weight = module.weight.t() if self.transposed else module.weight
+        plan = self._plan()
         sinks = self.sinks
-        sink = sinks.open(x) if sinks is not None else None
-        y = ops.masked_linear(
-            x, weight, module.bias, self.out_mask, self.in_mask, sink, backend=self.backend
-        )
-        if sinks is not None:
-            sinks.opened(x, y, sink)
+        if sinks is None:
+            return plan(x)
+        sink = sinks.open(x)
+        y = plan(x, sink)
+        sinks.opened(x, y, sink)
         return y
 
 

@@ -576,10 +576,12 @@ class _SiteSinks:
         # hook path does); dropped as soon as the gradient arrives, so the backward frees it.
         call.activation = (y if self.unit == "out" else x).detach()
 
-        def arrived(grad: Tensor) -> None:
+        def arrived(grads: tuple[Tensor, ...]) -> None:
             call.activation = None
 
-        y.register_hook(arrived)
+        # A hook on the node that receives y's gradient: one call into autograd, where a tensor
+        # hook takes several Python steps, and this runs once per layer and batch.
+        y.grad_fn.register_prehook(arrived)
 
 
 class _FusedCollector(_Collector):
@@ -679,8 +681,9 @@ def score(
     mask_token = model.tokenizer.mask_token if model.task == "masked" else None
     if objective is None and mask_token and not any(mask_token in s.prompt for s in samples):
         check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
-    trainable = [p.requires_grad for p in model.hf.parameters()]
-    model.hf.requires_grad_(False)
+    trainable = [p for p in model.hf.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
     # Target tokens and the sum of |loss|, kept as tensors on the model's device and read
     # once at the end: reading them per batch would make the host wait for each forward pass.
     tokens: Tensor | int = 0
@@ -701,8 +704,8 @@ def score(
                 bar.update(len(chunk))
             bar.close()
     finally:
-        for p, flag in zip(model.hf.parameters(), trainable, strict=True):
-            p.requires_grad_(flag)
+        for p in trainable:
+            p.requires_grad_(True)
     values, stats = {}, {}
     results = collector.totals.results()
     for site in chosen:

@@ -291,3 +291,37 @@ def test_nested_batches_of_masks(models):
 def logits_of_sets(model, batch, sets):
     with masked(model, sets):
         return logits(model, batch.repeat(len(sets)))
+
+
+@pytest.mark.parametrize("family", ["opt", "gpt2"])  # a Linear with a bias; a Conv1D
+def test_route_follows_its_weight(models, family):
+    """A routed layer checks its weight once (``ops.LinearPlan``) and follows it afterwards: a
+    weight replaced or cast (``param.data = ...``) and a weight written in place are what the
+    next call uses, as an unrouted layer would."""
+    model = models[family]
+    site = model.site("language.0.up")
+    module = site.module
+    saved = module.weight.detach().clone()
+    x = torch.randn(2, 3, saved.shape[0] if site.transposed else saved.shape[1])
+    keep = torch.ones(site.channels)
+    keep[[5, 17]] = 0
+
+    def expected() -> torch.Tensor:
+        weight = module.weight.t() if site.transposed else module.weight
+        return torch.nn.functional.linear(x, weight, module.bias) * keep
+
+    try:
+        with torch.no_grad(), masked(model, ["language.0.up:5", "language.0.up:17"]):
+            torch.testing.assert_close(module(x), expected(), rtol=0, atol=0)
+            module.weight.data = module.weight.data * 2  # new storage
+            torch.testing.assert_close(module(x), expected(), rtol=0, atol=0)
+            module.weight.mul_(-0.5)  # in place
+            torch.testing.assert_close(module(x), expected(), rtol=0, atol=0)
+            moved = module.weight.data.double()  # another dtype: the plan is made again
+            module.weight.data = moved
+            y = module(x.double())
+            assert y.dtype == torch.float64
+            assert (y[..., [5, 17]] == 0).all() and (y[..., 6] != 0).any()
+    finally:
+        module.weight.data = saved
+    assert "forward" not in vars(module)

@@ -9,6 +9,7 @@ implementation, so they trace under ``torch.compile``):
   blocks of rows), differentiable in its input only; with a :class:`ScoreSink` its backward adds
   the CAN score of the layer's output (unit ``out``) or input (unit ``mid``, in the epilogue of
   the ``dL/dx`` product);
+  (:class:`LinearPlan` checks its weight and masks once, for a layer called batch after batch);
 - :func:`ablate_expand`: one copy of a site's output per neuron, that neuron removed.
 
 Backends: ``torch`` (:mod:`canfast.ops.reference`, the truth the others are tested against),
@@ -28,6 +29,7 @@ tests/test_ops.py, which hold every backend to the reference.
 from __future__ import annotations
 
 from canfast.ops.contract import (
+    LinearPlan,
     ScoreSink,
     ablate_expand,
     check_alpha,
@@ -42,6 +44,7 @@ __all__ = [
     "BACKENDS",
     "KERNEL_DTYPES",
     "Backend",
+    "LinearPlan",
     "ScoreSink",
     "ablate_expand",
     "available",

@@ -144,8 +144,10 @@ class ScoreSink:
     unit: str = "out"
 
 
-def _canonical_mask(mask: Tensor | None, name: str, x: Tensor, channels: int) -> Tensor | None:
-    """``mask`` ([C] or [M, C]) as [M, C] in x's dtype, its M dividing x's first dimension."""
+def _canonical_mask(
+    mask: Tensor | None, name: str, dtype: torch.dtype, channels: int
+) -> Tensor | None:
+    """``mask`` ([C] or [M, C]) as [M, C] in ``dtype`` (x's); x's rows are checked per call."""
     if mask is None:
         return None
     if not isinstance(mask, Tensor):
@@ -154,14 +156,8 @@ def _canonical_mask(mask: Tensor | None, name: str, x: Tensor, channels: int) ->
         raise ValueError(f"{name} must be [{channels}] or [M, {channels}], got {tuple(mask.shape)}")
     if mask.is_complex():
         raise ValueError(f"{name} must be real, got {mask.dtype}")
-    if mask.dim() == 2:
-        if x.dim() < 2:
-            raise ValueError(f"a batch of masks ({name} {tuple(mask.shape)}) needs x with rows")
-        blocks = mask.shape[0]
-        if blocks == 0 or x.shape[0] % blocks:
-            raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
     # The reference multiplies by mask.to(x.dtype): every backend sees those values.
-    return mask.to(x.dtype).reshape(-1, channels)
+    return mask.to(dtype).reshape(-1, channels)
 
 
 def _check_sink(sink: ScoreSink, rows: int, n_out: int, n_in: int) -> tuple[Tensor | None, float]:
@@ -329,6 +325,108 @@ def _masked_linear(*inputs) -> Tensor:
     return _masked_linear_impl(*inputs)
 
 
+def _check_x(x: Tensor, weight: Tensor) -> None:
+    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(
+            f"x [..., K] and weight [N, K] do not match: {tuple(x.shape)} and {tuple(weight.shape)}"
+        )
+    if weight.dtype != x.dtype:
+        raise ValueError(f"weight ({weight.dtype}) must have x's dtype ({x.dtype})")
+
+
+@dataclass(frozen=True, eq=False)
+class LinearPlan:
+    """The arguments of :func:`masked_linear` other than ``x`` and the sink, checked and brought
+    into canonical form once; calling the plan checks only ``x`` and the sink.
+
+    A layer that canfast routes (:class:`canfast.mask.Route`) runs with the same weight and masks
+    batch after batch. Inside a model's pass the host is cold (the products before it have swept
+    its caches), and there the checks of every argument cost more per call than a small layer's
+    product: measured at a few hundred microseconds per Linear on a 50M-parameter model.
+    """
+
+    weight: Tensor
+    bias: Tensor | None
+    out_mask: Tensor | None  # [M, N] in the weight's dtype
+    in_mask: Tensor | None  # [M, K]
+    backend: str  # the backend that runs it
+    batches: tuple[tuple[str, tuple[int, ...], int], ...]  # (name, shape, M) of each [M, C] mask
+
+    @classmethod
+    def of(
+        cls,
+        weight: Tensor,
+        bias: Tensor | None = None,
+        out_mask: Tensor | None = None,
+        in_mask: Tensor | None = None,
+        *,
+        backend: str = "auto",
+    ) -> LinearPlan:
+        """A plan for ``weight`` ``[N, K]`` (any strides), ``bias`` and the masks, as
+        :func:`masked_linear` takes them."""
+        _check_tensors(
+            "masked_linear", weight=weight, bias=bias, out_mask=out_mask, in_mask=in_mask
+        )
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be [N, K], got {tuple(weight.shape)}")
+        n_out, n_in = weight.shape
+        if bias is not None and (bias.shape != (n_out,) or not bias.dtype.is_floating_point):
+            shape = tuple(bias.shape)
+            raise ValueError(f"bias must be a float [{n_out}], got {bias.dtype} {shape}")
+        chosen = kernels_for(backend, "masked_linear", weight).name
+        om = _canonical_mask(out_mask, "out_mask", weight.dtype, n_out)
+        im = _canonical_mask(in_mask, "in_mask", weight.dtype, n_in)
+        if bias is not None and bias.dtype != weight.dtype:
+            bias = bias.to(weight.dtype)
+        batches = tuple(
+            (name, tuple(mask.shape), mask.shape[0])
+            for name, mask in (("out_mask", out_mask), ("in_mask", in_mask))
+            if mask is not None and mask.dim() == 2
+        )
+        return cls(weight, bias, om, im, chosen, batches)
+
+    def __call__(self, x: Tensor, sink: ScoreSink | None = None) -> Tensor:
+        weight = self.weight
+        if not isinstance(x, Tensor):
+            raise ValueError(f"masked_linear: x must be a tensor, got {type(x).__name__}")
+        if x.device != weight.device:
+            raise ValueError(
+                f"masked_linear: tensors on {x.device} and {weight.device}; put them on one device"
+            )
+        _check_x(x, weight)
+        n_out, n_in = weight.shape
+        for name, shape, blocks in self.batches:
+            if x.dim() < 2:
+                raise ValueError(f"a batch of masks ({name} {shape}) needs x with rows")
+            if blocks == 0 or x.shape[0] % blocks:
+                raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in)
+        # Only x's gradient is ever computed: weights requiring grad do not make a graph.
+        tracked = torch.is_grad_enabled() and x.requires_grad
+        sink_out = sink_valid = None
+        alpha, unit, dx_wanted = 0.0, "out", x.requires_grad
+        if sink is not None:
+            if not torch.is_grad_enabled():
+                raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
+            _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
+            sink_valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
+            sink_out, unit = sink.out, sink.unit
+            if not x.requires_grad:
+                # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a
+                # fresh leaf starts the graph here, and its gradient is not computed unless unit
+                # mid scores it.
+                x2 = x2.detach().requires_grad_()
+            tracked = True
+        args = (x2, weight, self.bias, self.out_mask, self.in_mask)
+        if not tracked:
+            with torch.no_grad():
+                y = _masked_linear(*args, None, None, 0.0, "out", False, self.backend)
+        else:
+            y = _masked_linear(*args, sink_out, sink_valid, alpha, unit, dx_wanted, self.backend)
+        return y.reshape(*lead, n_out)
+
+
 def masked_linear(
     x: Tensor,
     weight: Tensor,
@@ -346,51 +444,14 @@ def masked_linear(
     ``[N]`` / ``[M, N]`` and ``in_mask`` ``[K]`` / ``[M, K]``, where a batch of ``M`` masks
     splits the first dimension of ``x`` into ``M`` equal blocks, block ``m`` using mask ``m``.
     ``sink`` (:class:`ScoreSink`) gets the CAN score sums added by the backward pass; a sink
-    where no backward will run is an error. Weight and bias never receive gradients.
+    where no backward will run is an error. Weight and bias never receive gradients. A layer
+    called many times with the same weight and masks can check them once: :class:`LinearPlan`.
     """
     _check_tensors(
         "masked_linear", x=x, weight=weight, bias=bias, out_mask=out_mask, in_mask=in_mask
     )
-    if x.dim() == 0 or weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
-        raise ValueError(
-            f"x [..., K] and weight [N, K] do not match: {tuple(x.shape)} and {tuple(weight.shape)}"
-        )
-    if weight.dtype != x.dtype:
-        raise ValueError(f"weight ({weight.dtype}) must have x's dtype ({x.dtype})")
-    n_out, n_in = weight.shape
-    if bias is not None and (bias.shape != (n_out,) or not bias.dtype.is_floating_point):
-        raise ValueError(f"bias must be a float [{n_out}], got {bias.dtype} {tuple(bias.shape)}")
-    chosen = kernels_for(backend, "masked_linear", x).name
-    om = _canonical_mask(out_mask, "out_mask", x, n_out)
-    im = _canonical_mask(in_mask, "in_mask", x, n_in)
-    if bias is not None and bias.dtype != x.dtype:
-        bias = bias.to(x.dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, n_in)
-    # Only x's gradient is ever computed: weights requiring grad do not make a graph.
-    tracked = torch.is_grad_enabled() and x.requires_grad
-    sink_out = sink_valid = None
-    alpha, unit, dx_wanted = 0.0, "out", x.requires_grad
-    if sink is not None:
-        if not torch.is_grad_enabled():
-            raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
-        _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
-        sink_valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
-        sink_out, unit = sink.out, sink.unit
-        if not x.requires_grad:
-            # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a fresh
-            # leaf starts the graph here, and its gradient is not computed unless unit mid
-            # scores it.
-            x2 = x2.detach().requires_grad_()
-        tracked = True
-    if not tracked:
-        with torch.no_grad():
-            y = _masked_linear(x2, weight, bias, om, im, None, None, 0.0, "out", False, chosen)
-    else:
-        y = _masked_linear(
-            x2, weight, bias, om, im, sink_out, sink_valid, alpha, unit, dx_wanted, chosen
-        )
-    return y.reshape(*lead, n_out)
+    _check_x(x, weight)  # x's errors first, as they name both shapes
+    return LinearPlan.of(weight, bias, out_mask, in_mask, backend=backend)(x, sink)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,12 +29,14 @@ except ImportError:  # not built: the dispatcher falls back to the torch referen
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
-# Elements per thread of a pass. Every pass here streams memory once; a thread reading 1 MiB of
-# fp32 takes some 60 microseconds, about what a team costs to start and join, so smaller passes
-# run on one thread. Above that a second thread pays: on this project's 2-core CPU one thread
-# scores a [516, 1728] float32 site (7 MB read) in 0.49 ms and two in 0.35 ms, and the score
-# pass is most of what the fused path adds to a bare backward (bench/score_end_to_end.py).
-_ELEMENTS_PER_THREAD = 1 << 18
+# Elements per thread of a pass. Every pass here streams memory once, and inside a backward pass
+# its input is mostly cold: the activation a score reads was written by the forward pass. From
+# memory a second thread pays well below the size where it would from cache: on this project's
+# 2-core CPU, scoring a [516, 640] float32 site (330k elements) inside a backward took 185 us on
+# one thread and 135 us on two, and a [516, 1728] site 200 us on two
+# (bench/score_end_to_end.py). Passes under this size run on one thread, where starting a team
+# costs about what it saves.
+_ELEMENTS_PER_THREAD = 1 << 16
 
 
 def _threads(elements: int) -> int:
