@@ -50,7 +50,7 @@ def _check_valid(
 ) -> Tensor | None:
     if valid is None:
         return None
-    if valid.shape != (samples, steps):
+    if valid.dim() != 2 or valid.shape[0] != samples or valid.shape[1] != steps:
         raise ValueError(f"{name} must be [{samples}, {steps}], got {tuple(valid.shape)}")
     if valid.dtype.is_floating_point or valid.is_complex():
         raise ValueError(f"{name} must be a bool (or integer 0/1) mask, got {valid.dtype}")
@@ -165,7 +165,12 @@ def _check_sink(sink: ScoreSink, rows: int, n_out: int, n_in: int) -> tuple[Tens
         raise ValueError(f"sink.unit must be 'out' or 'mid', got {sink.unit!r}")
     channels = n_out if sink.unit == "out" else n_in
     out = sink.out
-    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1:] != (3, channels):
+    if (
+        not isinstance(out, Tensor)
+        or out.dim() != 3
+        or out.shape[1] != 3
+        or out.shape[2] != channels
+    ):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"sink.out must be [B, 3, {channels}], got {shape}")
     if out.dtype != torch.float32:
@@ -292,12 +297,12 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 class _MaskedLinearFunction(torch.autograd.Function):
     """The eager face of the same op: the formula above, without the dispatcher's round trip.
-    The options that are not tensors travel as one tuple: autograd walks every argument of a
-    Function on each call and wants an answer per argument back."""
+    Only x is differentiable, so everything else travels as one tuple: autograd walks every
+    argument of a Function on each call and wants an answer per argument back."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, out_mask, in_mask, sink_out, sink_valid, options) -> Tensor:
-        inputs = (x, weight, bias, out_mask, in_mask, sink_out, sink_valid, *options)
+    def forward(ctx, x: Tensor, rest: tuple) -> Tensor:
+        inputs = (x, *rest)
         output = _masked_linear_impl(*inputs)
         _setup_context(ctx, inputs, output)
         return output
@@ -309,19 +314,19 @@ class _MaskedLinearFunction(torch.autograd.Function):
             # second derivative must raise. once_differentiable does that, and costs a fifth
             # of a small layer's backward, so it runs only here.
             return _backward_once(ctx, grad_y)
-        return _backward(ctx, grad_y)[:8]
+        return _backward(ctx, grad_y)[:2]
 
 
 @once_differentiable
 def _backward_once(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-    return _backward(ctx, grad_y)[:8]
+    return _backward(ctx, grad_y)[:2]
 
 
 def _masked_linear(*inputs) -> Tensor:
     if torch.compiler.is_compiling():
         return _masked_linear_op(*inputs)
     if torch.is_grad_enabled() and inputs[0].requires_grad:
-        return _MaskedLinearFunction.apply(*inputs[:7], inputs[7:])
+        return _MaskedLinearFunction.apply(inputs[0], inputs[1:])
     return _masked_linear_impl(*inputs)
 
 
