@@ -50,7 +50,7 @@ def _check_valid(
 ) -> Tensor | None:
     if valid is None:
         return None
-    if valid.dim() != 2 or valid.shape[0] != samples or valid.shape[1] != steps:
+    if valid.shape != (samples, steps):
         raise ValueError(f"{name} must be [{samples}, {steps}], got {tuple(valid.shape)}")
     if valid.dtype.is_floating_point or valid.is_complex():
         raise ValueError(f"{name} must be a bool (or integer 0/1) mask, got {valid.dtype}")
@@ -165,12 +165,7 @@ def _check_sink(sink: ScoreSink, rows: int, n_out: int, n_in: int) -> tuple[Tens
         raise ValueError(f"sink.unit must be 'out' or 'mid', got {sink.unit!r}")
     channels = n_out if sink.unit == "out" else n_in
     out = sink.out
-    if (
-        not isinstance(out, Tensor)
-        or out.dim() != 3
-        or out.shape[1] != 3
-        or out.shape[2] != channels
-    ):
+    if not isinstance(out, Tensor) or out.dim() != 3 or out.shape[1:] != (3, channels):
         shape = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
         raise ValueError(f"sink.out must be [B, 3, {channels}], got {shape}")
     if out.dtype != torch.float32:
@@ -355,7 +350,7 @@ class LinearPlan:
     out_mask: Tensor | None  # [M, N] in the weight's dtype
     in_mask: Tensor | None  # [M, K]
     backend: str  # the backend that runs it
-    batches: tuple[tuple[str, tuple[int, ...], int], ...]  # (name, shape, M) of each [M, C] mask
+    batches: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each [M, C] mask
 
     @classmethod
     def of(
@@ -384,7 +379,7 @@ class LinearPlan:
         if bias is not None and bias.dtype != weight.dtype:
             bias = bias.to(weight.dtype)
         batches = tuple(
-            (name, tuple(mask.shape), mask.shape[0])
+            (name, tuple(mask.shape))
             for name, mask in (("out_mask", out_mask), ("in_mask", in_mask))
             if mask is not None and mask.dim() == 2
         )
@@ -392,17 +387,13 @@ class LinearPlan:
 
     def __call__(self, x: Tensor, sink: ScoreSink | None = None) -> Tensor:
         weight = self.weight
-        if not isinstance(x, Tensor):
-            raise ValueError(f"masked_linear: x must be a tensor, got {type(x).__name__}")
-        if x.device != weight.device:
-            raise ValueError(
-                f"masked_linear: tensors on {x.device} and {weight.device}; put them on one device"
-            )
+        _check_tensors("masked_linear", x=x, weight=weight)
         _check_x(x, weight)
         n_out, n_in = weight.shape
-        for name, shape, blocks in self.batches:
+        for name, shape in self.batches:
             if x.dim() < 2:
                 raise ValueError(f"a batch of masks ({name} {shape}) needs x with rows")
+            blocks = shape[0]
             if blocks == 0 or x.shape[0] % blocks:
                 raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
         lead = x.shape[:-1]

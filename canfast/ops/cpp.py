@@ -32,9 +32,9 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # Elements per thread of a pass. Every pass here streams memory once, and inside a backward pass
 # its input is mostly cold: the activation a score reads was written by the forward pass. From
 # memory a second thread pays well below the size where it would from cache: on this project's
-# 2-core CPU, scoring a [516, 640] float32 site (330k elements) inside a backward took 185 us on
-# one thread and 135 us on two, and a [516, 1728] site 200 us on two
-# (bench/score_end_to_end.py). Passes under this size run on one thread, where starting a team
+# 2-core CPU, scoring a [516, 640] float32 site (330k elements) inside the backward of
+# bench/score_end_to_end.py's model took 185 us on one thread and 135 us on two, and a
+# [516, 1728] site 200 us on two. Passes under this size run on one thread, where starting a team
 # costs about what it saves.
 _ELEMENTS_PER_THREAD = 1 << 16
 
