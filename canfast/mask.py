@@ -146,22 +146,14 @@ class Route:
             # One packed sequence holds every image of the batch (Pixtral): the blocks of a
             # batch of masks follow each other along it.
             return self(x[0])[None]
-        plan = self._plan()
         sinks = self.sinks
-        if sinks is None:
-            return plan(x)
-        sink = sinks.open(x)
-        y = plan(x, sink)
-        sinks.opened(x, y, sink)
-        return y
+        return self._plan()(x, None if sinks is None else sinks.open(x))
 
 
 class SinkSource(Protocol):
     """Gives a routed Linear a fresh score sink for each call (see :mod:`canfast.score`)."""
 
     def open(self, x: Tensor) -> ops.ScoreSink: ...
-
-    def opened(self, x: Tensor, y: Tensor, sink: ops.ScoreSink) -> None: ...
 
 
 @dataclass(eq=False)

@@ -478,9 +478,11 @@ class _Collector:
             counts = counts.new_zeros(size).index_add_(0, owner, counts)
         self.totals.add(site.name, sums, counts)
 
-    def reduce(self, site: Site, a: Tensor, g: Tensor) -> None:
-        """Score one activation and its gradient with the ``score_accumulate`` op."""
-        rows = self.rows(site, a.shape[:-1])
+    def reduce(self, site: Site, a: Tensor, g: Tensor, rows: SampleRows | None = None) -> None:
+        """Score one activation and its gradient with the ``score_accumulate`` op; ``rows``:
+        how they split into samples, when already known."""
+        if rows is None:
+            rows = self.rows(site, a.shape[:-1])
         a3 = a.reshape(rows.samples, rows.steps, a.shape[-1])
         g3 = g.reshape(a3.shape)
         out = torch.zeros(rows.samples, 3, a.shape[-1], dtype=torch.float32, device=a.device)
@@ -546,12 +548,11 @@ class _HookCollector(_Collector):
 
 @dataclass(eq=False)
 class _Call:
-    """One call of a routed site: its sink, and its activation until a gradient reaches it."""
+    """One call of a routed site, and its sink."""
 
     site: Site
     rows: SampleRows
     sink: ops.ScoreSink
-    activation: Tensor | None = None
 
 
 class _SiteSinks:
@@ -569,19 +570,6 @@ class _SiteSinks:
         sink = ops.ScoreSink(self.collector.alpha, out, rows.valid, self.unit)
         self.collector.calls.append(_Call(self.site, rows, sink))
         return sink
-
-    def opened(self, x: Tensor, y: Tensor, sink: ops.ScoreSink) -> None:
-        call = self.collector.calls[-1]
-        # Kept only for a call whose output the loss never uses, scored then with g = 0 (as the
-        # hook path does); dropped as soon as the gradient arrives, so the backward frees it.
-        call.activation = (y if self.unit == "out" else x).detach()
-
-        def arrived(grads: tuple[Tensor, ...]) -> None:
-            call.activation = None
-
-        # A hook on the node that receives y's gradient: one call into autograd, where a tensor
-        # hook takes several Python steps, and this runs once per layer and batch.
-        y.grad_fn.register_prehook(arrived)
 
 
 class _FusedCollector(_Collector):
@@ -604,8 +592,11 @@ class _FusedCollector(_Collector):
 
     def finish_batch(self) -> None:
         for call in self.calls:
-            if call.activation is not None:
-                self.reduce(call.site, call.activation, torch.zeros_like(call.activation))
+            unused = call.sink.pending
+            if unused is not None:
+                # The loss never used this call's output: scored with g = 0, as the hook path
+                # scores it.
+                self.reduce(call.site, unused, torch.zeros_like(unused), call.rows)
             else:
                 self.add(call.site, call.sink.out, call.rows)
         self.calls.clear()

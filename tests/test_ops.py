@@ -309,12 +309,45 @@ def test_masked_linear_second_derivative_raises(backend) -> None:
     the kernels cannot give) raises instead of answering wrongly."""
     x = randn(4, 3, 45, dtype=torch.float32).requires_grad_()
     w = randn(29, 45, dtype=torch.float32, scale=0.15)
-    y = ops.masked_linear(x, w, backend=backend)
+    om = torch.ones(29)
+    om[3] = 0  # a mask: cpp runs its own kernels only where one is in force
+    y = ops.masked_linear(x, w, out_mask=om, backend=backend)
     (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
     want = (2 * y.detach().double().reshape(12, -1)) @ w.double()
     assert_close(dx.detach(), want.reshape(x.shape), TOL[torch.float32], "dx")
     with pytest.raises(RuntimeError, match="differentiate twice"):
         dx.sum().backward()
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
+def test_unmasked_call_is_torch_product(backend) -> None:
+    """Without masks, a backend whose products are torch's runs a tracked call as torch's own
+    product: no Python autograd node, the weights get no gradient, and second derivatives are
+    torch's (here: exact, where the kernels' own backward refuses them)."""
+    x = randn(4, 3, 45).requires_grad_()
+    w = randn(29, 45, scale=0.15).requires_grad_()
+    y = ops.masked_linear(x, w, backend=backend)
+    assert "MaskedLinear" not in _graph_names(y.grad_fn)
+    (dx,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+    (ddx,) = torch.autograd.grad(dx.sum(), x)
+    xr = x.detach().clone().requires_grad_()
+    (dxr,) = torch.autograd.grad((xr @ w.detach().t()).pow(2).sum(), xr, create_graph=True)
+    (ddxr,) = torch.autograd.grad(dxr.sum(), xr)
+    assert torch.equal(dx, dxr) and torch.equal(ddx, ddxr)
+    assert w.grad is None
+
+
+def _graph_names(node) -> str:
+    """The class names of every node of an autograd graph, joined."""
+    seen, names, stack = set(), [], [node]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return " ".join(names)
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.3])
@@ -345,6 +378,37 @@ def test_masked_linear_score_sink(backend, dtype, alpha, unit) -> None:
         # The gradient the score reads is dL/dx as computed, rounded to the input's dtype.
         want = score_truth(x.detach(), x.grad, alpha, valid)
     assert_increment(sink.out, before, want, SUM_TOL, "sink sums")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_unmasked_score_sink(backend, dtype, unit, bias) -> None:
+    """Without masks (on cpp and torch: torch's own product, its sink fed from a hook on the
+    product's backward node) the sink gets the same sums, with padding rows left out; it holds
+    its activation until the backward has fed it, and a retained graph cannot feed it twice."""
+    samples, steps, k, n = 3, 5, 24, 19
+    x = randn(samples, steps, k, dtype=dtype).requires_grad_()
+    w = randn(n, k, dtype=dtype, scale=0.2)
+    b = randn(n, dtype=dtype) if bias else None
+    valid = torch.rand(samples, steps) > 0.25
+    channels = n if unit == "out" else k
+    sink = ops.ScoreSink(0.5, torch.zeros(samples, 3, channels), valid, unit)
+    y = ops.masked_linear(x, w, b, sink=sink, backend=backend)
+    kept = y if unit == "out" else x
+    assert torch.equal(sink.pending, kept.detach().reshape(-1, channels))
+    grad_y = randn(*y.shape, dtype=dtype, scale=1e-2)
+    y.backward(grad_y, retain_graph=True)
+    assert sink.pending is None
+    want_dx = (grad_y.double().reshape(-1, n) @ w.double()).reshape(x.shape)
+    assert_close(x.grad, want_dx, TOL[dtype], "dx")
+    g = grad_y if unit == "out" else x.grad
+    want = score_truth(kept.detach(), g, 0.5, valid)
+    assert_increment(sink.out, torch.zeros_like(sink.out), want, SUM_TOL, "sink sums")
+    if backend in ("torch", "cpp"):
+        with pytest.raises(RuntimeError, match="fed by an earlier backward"):
+            y.backward(grad_y)
 
 
 @pytest.mark.parametrize("unit", ["out", "mid"])

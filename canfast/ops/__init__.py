@@ -21,9 +21,11 @@ Adding a backend is one new module and nothing else: define the four kernels wit
 signatures of :class:`canfast.ops.registry.Backend` (the contract has already checked and
 shaped every argument: 2-D rows, masks as ``[M, C]`` in the input's dtype, neurons in range)
 and call ``canfast.ops.register(Backend(name=..., devices=..., auto_for=..., dtypes=..., ...))``
-at import. Once the module is imported, ``backend="<name>"`` runs it, and ``auto`` picks it for
-the device types in ``auto_for``. Its tests: add its name to the backend lists of
-tests/test_ops.py, which hold every backend to the reference.
+at import; ``torch_products=True`` says that its ``masked_linear`` and backward without masks
+are torch's ``mm`` / ``addmm``, so unmasked calls may run as those. Once the module is
+imported, ``backend="<name>"`` runs it, and ``auto`` picks it for the device types in
+``auto_for``. Its tests: add its name to the backend lists of tests/test_ops.py, which hold
+every backend to the reference.
 """
 
 from __future__ import annotations

@@ -6,7 +6,10 @@ runs the chosen backend's kernel. The custom ops carry fake (meta) implementatio
 trace under ``torch.compile``, and ``masked_linear`` has its one autograd formula here: a
 masked linear layer whose backward gives ``dL/dx`` only (weights are frozen) and, with a
 :class:`ScoreSink`, adds the CAN score of the layer's output (unit ``out``: ``y`` and ``dL/dy``)
-or input (unit ``mid``: ``x`` and ``dL/dx``, in the epilogue of the ``dL/dx`` product).
+or input (unit ``mid``: ``x`` and ``dL/dx``, in the epilogue of the ``dL/dx`` product). Where
+that formula is torch's own (no masks, on a backend whose products are torch's), an eager call
+runs as torch's product and the sink is fed from a hook on its backward node (see
+:class:`LinearPlan`).
 """
 
 from __future__ import annotations
@@ -136,12 +139,18 @@ class ScoreSink:
     the layer's rows, flattened, split into ``B`` samples of equal length ``T``, of which
     ``valid`` (bool ``[B, T]`` or None) keeps the real ones. Unit ``out`` scores the output
     (``C = N``: ``y`` and ``dL/dy``); unit ``mid`` the input (``C = K``: ``x`` and ``dL/dx``).
+
+    ``pending`` is set by an eager call (not under ``torch.compile``) to the activation its
+    backward will score, ``[R, C]``, and cleared when the backward has added the score: a sink
+    still pending once the backward pass is over belongs to a call whose output the loss never
+    used.
     """
 
     alpha: float
     out: Tensor
     valid: Tensor | None = None
     unit: str = "out"
+    pending: Tensor | None = None
 
 
 def _canonical_mask(
@@ -293,13 +302,15 @@ _masked_linear_op.register_autograd(_backward, setup_context=_setup_context)
 class _MaskedLinearFunction(torch.autograd.Function):
     """The eager face of the same op: the formula above, without the dispatcher's round trip.
     Only x is differentiable, so everything else travels as one tuple: autograd walks every
-    argument of a Function on each call and wants an answer per argument back."""
+    argument of a Function on each call and wants an answer per argument back. ``sink`` is the
+    :class:`ScoreSink` whose ``pending`` the backward clears."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, rest: tuple) -> Tensor:
+    def forward(ctx, x: Tensor, rest: tuple, sink: ScoreSink | None) -> Tensor:
         inputs = (x, *rest)
         output = _masked_linear_impl(*inputs)
         _setup_context(ctx, inputs, output)
+        ctx.sink = sink
         return output
 
     @staticmethod
@@ -309,20 +320,59 @@ class _MaskedLinearFunction(torch.autograd.Function):
             # second derivative must raise. once_differentiable does that, and costs a fifth
             # of a small layer's backward, so it runs only here.
             return _backward_once(ctx, grad_y)
-        return _backward(ctx, grad_y)[:2]
+        return _eager_backward(ctx, grad_y)
+
+
+def _eager_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
+    grads = _backward(ctx, grad_y)[:2]
+    if ctx.sink is not None:
+        ctx.sink.pending = None
+    return (*grads, None)
 
 
 @once_differentiable
 def _backward_once(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-    return _backward(ctx, grad_y)[:2]
+    return _eager_backward(ctx, grad_y)
 
 
-def _masked_linear(*inputs) -> Tensor:
+def _masked_linear(inputs: tuple, sink: ScoreSink | None = None) -> Tensor:
     if torch.compiler.is_compiling():
         return _masked_linear_op(*inputs)
     if torch.is_grad_enabled() and inputs[0].requires_grad:
-        return _MaskedLinearFunction.apply(inputs[0], inputs[1:])
+        return _MaskedLinearFunction.apply(inputs[0], inputs[1:], sink)
     return _masked_linear_impl(*inputs)
+
+
+def _torch_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``x @ weight.T + bias`` as the aten op it is: ``mm`` (``dL/dx`` is its input 0) or
+    ``addmm`` (input 1)."""
+    if bias is None:
+        return torch.mm(x, weight.t())
+    return torch.addmm(bias, x, weight.t())
+
+
+class _NodeFeed:
+    """Adds a sink's score from a hook on the backward node of a torch product (see
+    :class:`LinearPlan`): a pre-hook gets ``(dL/dy,)`` (unit out), a post-hook ``dL/dx`` among the
+    product's input gradients (unit mid). It scores ``sink.pending`` and clears it."""
+
+    __slots__ = ("sink", "score", "alpha", "valid", "shape", "index")
+
+    def __init__(self, sink: ScoreSink, score: Callable, alpha: float, valid, shape, index: int):
+        self.sink, self.score, self.alpha, self.valid = sink, score, alpha, valid
+        self.shape, self.index = shape, index
+
+    def __call__(self, grads: tuple[Tensor | None, ...], *_) -> None:
+        sink = self.sink
+        a = sink.pending
+        if a is None:
+            # Held until the node runs, not for the graph's life (every site's activation at
+            # once): a graph kept with retain_graph can feed a sink in one backward only.
+            raise RuntimeError("this score sink was fed by an earlier backward pass already")
+        sink.pending = None
+        shape = self.shape
+        g = grads[self.index]
+        self.score(a.reshape(shape), g.reshape(shape), self.alpha, sink.out, self.valid)
 
 
 def _check_x(x: Tensor, weight: Tensor) -> None:
@@ -343,14 +393,21 @@ class LinearPlan:
     batch after batch. Inside a model's pass the host is cold (the products before it have swept
     its caches), and there the checks of every argument cost more per call than a small layer's
     product: measured at a few hundred microseconds per Linear on a 50M-parameter model.
+
+    For the same reason a call without masks that autograd tracks, on a backend whose products
+    are torch's (``Backend.torch_products``: cpp, torch), runs as torch's own ``mm`` / ``addmm``
+    rather than through a Python autograd Function: the numbers are the same, and on the CPU a
+    Function's forward and backward cost about what a small layer's score pass does. A sink is
+    then fed by a hook on that product's backward node, which runs as the node does.
     """
 
-    weight: Tensor
+    weight: Tensor  # detached: weights never receive gradients
     bias: Tensor | None
     out_mask: Tensor | None  # [M, N] in the weight's dtype
     in_mask: Tensor | None  # [M, K]
     backend: str  # the backend that runs it
     batches: tuple[tuple[str, tuple[int, ...]], ...]  # (name, shape) of each [M, C] mask
+    by_torch: bool  # no masks, and the backend's products are torch's
 
     @classmethod
     def of(
@@ -373,17 +430,18 @@ class LinearPlan:
         if bias is not None and (bias.shape != (n_out,) or not bias.dtype.is_floating_point):
             shape = tuple(bias.shape)
             raise ValueError(f"bias must be a float [{n_out}], got {bias.dtype} {shape}")
-        chosen = kernels_for(backend, "masked_linear", weight).name
+        chosen = kernels_for(backend, "masked_linear", weight)
         om = _canonical_mask(out_mask, "out_mask", weight.dtype, n_out)
         im = _canonical_mask(in_mask, "in_mask", weight.dtype, n_in)
-        if bias is not None and bias.dtype != weight.dtype:
-            bias = bias.to(weight.dtype)
+        if bias is not None:
+            bias = bias.detach().to(weight.dtype)
         batches = tuple(
             (name, tuple(mask.shape))
             for name, mask in (("out_mask", out_mask), ("in_mask", in_mask))
             if mask is not None and mask.dim() == 2
         )
-        return cls(weight, bias, om, im, chosen, batches)
+        by_torch = chosen.torch_products and om is None and im is None
+        return cls(weight.detach(), bias, om, im, chosen.name, batches, by_torch)
 
     def __call__(self, x: Tensor, sink: ScoreSink | None = None) -> Tensor:
         weight = self.weight
@@ -400,27 +458,57 @@ class LinearPlan:
         x2 = x.reshape(-1, n_in)
         # Only x's gradient is ever computed: weights requiring grad do not make a graph.
         tracked = torch.is_grad_enabled() and x.requires_grad
-        sink_out = sink_valid = None
-        alpha, unit, dx_wanted = 0.0, "out", x.requires_grad
-        if sink is not None:
-            if not torch.is_grad_enabled():
-                raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
-            _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
-            sink_valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
-            sink_out, unit = sink.out, sink.unit
-            if not x.requires_grad:
+        by_torch = self.by_torch and tracked and not torch.compiler.is_compiling()
+        if sink is None:
+            if by_torch:
+                y = _torch_product(x2, weight, self.bias)
+            elif tracked:
+                y = _masked_linear(self._args(x2, None, None, 0.0, "out", True))
+            else:
+                with torch.no_grad():
+                    y = _masked_linear(self._args(x2, None, None, 0.0, "out", False))
+            return y.reshape(*lead, n_out)
+        if not torch.is_grad_enabled():
+            raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
+        _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
+        valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
+        unit = sink.unit
+        if by_torch:
+            y = _torch_product(x2, weight, self.bias)
+            score = by_name(self.backend).score_accumulate
+            shape = (sink.out.shape[0], -1, sink.out.shape[2])
+            if unit == "out":
+                y.grad_fn.register_prehook(_NodeFeed(sink, score, alpha, valid, shape, 0))
+            else:
+                index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
+                y.grad_fn.register_hook(_NodeFeed(sink, score, alpha, valid, shape, index))
+        else:
+            dx_wanted = x.requires_grad
+            if not dx_wanted:
                 # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a
                 # fresh leaf starts the graph here, and its gradient is not computed unless unit
                 # mid scores it.
                 x2 = x2.detach().requires_grad_()
-            tracked = True
-        args = (x2, weight, self.bias, self.out_mask, self.in_mask)
-        if not tracked:
-            with torch.no_grad():
-                y = _masked_linear(*args, None, None, 0.0, "out", False, self.backend)
-        else:
-            y = _masked_linear(*args, sink_out, sink_valid, alpha, unit, dx_wanted, self.backend)
+            y = _masked_linear(self._args(x2, sink.out, valid, alpha, unit, dx_wanted), sink)
+        if not torch.compiler.is_compiling():  # a compiled backward would not clear it
+            sink.pending = (y if unit == "out" else x2).detach()
         return y.reshape(*lead, n_out)
+
+    def _args(self, x2, sink_out, sink_valid, alpha, unit, dx_wanted) -> tuple:
+        """The arguments of the ``canfast::masked_linear`` op, in its order."""
+        masks = (self.out_mask, self.in_mask)
+        return (
+            x2,
+            self.weight,
+            self.bias,
+            *masks,
+            sink_out,
+            sink_valid,
+            alpha,
+            unit,
+            dx_wanted,
+            self.backend,
+        )
 
 
 def masked_linear(

@@ -234,5 +234,6 @@ if _C is not None:
             masked_linear=masked_linear,
             masked_linear_backward=masked_linear_backward,
             ablate_expand=ablate_expand,
+            torch_products=True,
         )
     )

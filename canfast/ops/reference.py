@@ -91,5 +91,6 @@ register(
         masked_linear=masked_linear,
         masked_linear_backward=masked_linear_backward,
         ablate_expand=ablate_expand,
+        torch_products=True,
     )
 )

@@ -56,7 +56,10 @@ class Backend:
       int64 in range on y's device; ``mid`` ``[R, K]`` and ``weight`` ``[N, K]`` for unit mid.
 
     ``devices``: the device types it runs on; ``auto_for``: those ``backend="auto"`` picks it
-    for; ``dtypes``: the element types its kernels take.
+    for; ``dtypes``: the element types its kernels take. ``torch_products``: its
+    ``masked_linear`` and ``masked_linear_backward`` without masks are torch's own ``addmm`` /
+    ``mm`` (their results, bit for bit), so the contract may run an unmasked call that autograd
+    tracks as those torch ops (see :class:`canfast.ops.LinearPlan`).
     """
 
     name: str
@@ -67,6 +70,7 @@ class Backend:
     masked_linear: Callable[..., Tensor]
     masked_linear_backward: Callable[..., Tensor]
     ablate_expand: Callable[..., Tensor]
+    torch_products: bool = False
 
 
 def register(backend: Backend) -> None:
