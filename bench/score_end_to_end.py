@@ -4,7 +4,9 @@ The floor is a forward and a backward pass that produce the activation gradients
 site (parameters frozen, exactly what scoring needs) with nothing done to them. Against it:
 
 - fused: ``canfast.score`` on the cpp backend, its default path: each site's Linear runs
-  through ``masked_linear`` and the backward adds the CAN sums while it computes ``dL/dx``;
+  through ``masked_linear`` with a score sink, which (no masks being in force) runs as torch's
+  own product and adds the CAN sums with the cpp kernel from a hook on that product's backward
+  node;
 - hooks + kernel: the same backend with ``path="hooks"``: hooks keep activations and gradients
   and the cpp ``score_accumulate`` kernel reduces them;
 - reference: the torch backend (hooks and the pure-PyTorch reduction).

@@ -597,6 +597,7 @@ class _FusedCollector(_Collector):
                 # The loss never used this call's output: scored with g = 0, as the hook path
                 # scores it.
                 self.reduce(call.site, unused, torch.zeros_like(unused), call.rows)
+                call.sink.pending = None
             else:
                 self.add(call.site, call.sink.out, call.rows)
         self.calls.clear()

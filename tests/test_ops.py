@@ -299,8 +299,7 @@ def test_masked_linear_backward(backend, dtype, transposed) -> None:
     want = (grad_y.double().reshape(rows, -1) * block_rows(om.double(), rows)) @ w.double()
     want = (want * block_rows(im.double(), rows)).reshape(x.shape)
     assert_close(x.grad, want, TOL[dtype], "dx")
-    if backend != "torch":  # the reference is plain autograd, which does train the weights
-        assert w.grad is None, "the weights are frozen: masked_linear gives dL/dx only"
+    assert w.grad is None, "the weights are frozen: masked_linear gives dL/dx only"
 
 
 @pytest.mark.parametrize("backend", ["cpp:avx2", "triton"], indirect=True)
@@ -334,7 +333,8 @@ def test_unmasked_call_is_torch_product(backend) -> None:
     (dxr,) = torch.autograd.grad((xr @ w.detach().t()).pow(2).sum(), xr, create_graph=True)
     (ddxr,) = torch.autograd.grad(dxr.sum(), xr)
     assert torch.equal(dx, dxr) and torch.equal(ddx, ddxr)
-    assert w.grad is None
+    ops.masked_linear(x, w, backend=backend).sum().backward()
+    assert w.grad is None and x.grad is not None
 
 
 def _graph_names(node) -> str:
@@ -406,9 +406,75 @@ def test_unmasked_score_sink(backend, dtype, unit, bias) -> None:
     g = grad_y if unit == "out" else x.grad
     want = score_truth(kept.detach(), g, 0.5, valid)
     assert_increment(sink.out, torch.zeros_like(sink.out), want, SUM_TOL, "sink sums")
-    if backend in ("torch", "cpp"):
-        with pytest.raises(RuntimeError, match="fed by an earlier backward"):
-            y.backward(grad_y)
+    with pytest.raises(RuntimeError, match="fed it already"):
+        y.backward(grad_y)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
+def test_score_sink_under_autocast(backend, unit, masked) -> None:
+    """Under CPU autocast the product runs in bfloat16 while x stays float32: each score still
+    reads an activation and a gradient of one dtype (the kernels read raw memory by dtype)."""
+    x = randn(2, 4, 8).requires_grad_()
+    w = randn(6, 8, scale=0.3)
+    om = torch.ones(6)
+    if masked:
+        om[1] = 0
+    sink = ops.ScoreSink(1.0, torch.zeros(2, 3, 6 if unit == "out" else 8), None, unit)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.masked_linear(x, w, out_mask=om if masked else None, sink=sink, backend=backend)
+    grad_y = randn(*y.shape, dtype=y.dtype)
+    y.backward(grad_y)
+    if unit == "out":
+        want = score_truth(y.detach(), grad_y, 1.0, None)
+    else:
+        want = score_truth(x.detach(), x.grad, 1.0, None)
+    assert_close(sink.out, want, TOL[torch.bfloat16], "sums under autocast")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
+def test_score_sink_edge_cases(backend, unit, masked) -> None:
+    """The same on both ways a call runs (torch's product, or the kernels' Function where a
+    mask is in force): one sink fed by two calls gets both scores; a call whose output the loss
+    never uses stays pending; create_graph leaves the sums out of the graph; a zero-row call."""
+    x = randn(2, 4, 8).requires_grad_()
+    w = randn(6, 8, scale=0.3)
+    om = torch.ones(6)
+    if masked:
+        om[1] = 0
+    channels = 6 if unit == "out" else 8
+
+    def call(x, sink):
+        return ops.masked_linear(x, w, out_mask=om if masked else None, sink=sink, backend=backend)
+
+    shared = ops.ScoreSink(0.5, torch.zeros(2, 3, channels), None, unit)
+    y1, y2 = call(x, shared), call(2 * x, shared)
+    loss = y1.square().sum() + y2.sum()
+    (dx,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert shared.pending is None and not shared.out.requires_grad
+    g1 = 2 * y1.detach()
+    g2 = torch.ones_like(g1)
+    if unit == "out":
+        want = score_truth(y1.detach(), g1, 0.5, None) + score_truth(y2.detach(), g2, 0.5, None)
+    else:
+        keep = om if masked else torch.ones(6)
+        want = score_truth(x.detach(), (g1 * keep) @ w, 0.5, None)
+        want += score_truth(2 * x.detach(), (g2 * keep) @ w, 0.5, None)
+    assert_close(shared.out, want, SUM_TOL, "two calls, one sink")
+
+    unused = ops.ScoreSink(0.5, torch.zeros(2, 3, channels), None, unit)
+    used = ops.ScoreSink(0.5, torch.zeros(2, 3, channels), None, unit)
+    call(x, unused)
+    call(x, used).sum().backward()
+    assert unused.pending is not None and not unused.out.any()
+    assert used.pending is None and used.out.any()
+
+    empty = ops.ScoreSink(0.5, torch.zeros(2, 3, channels), None, unit)
+    call(randn(2, 0, 8).requires_grad_(), empty).sum().backward()
+    assert empty.pending is None and not empty.out.any()
 
 
 @pytest.mark.parametrize("unit", ["out", "mid"])

@@ -25,6 +25,9 @@ from torch.autograd.function import once_differentiable
 from canfast.ops.registry import ScoreFeed, by_name, kernels_for
 
 UNITS = ("out", "mid")
+_FED_TWICE = (
+    "a score sink is fed by one backward pass: this graph, kept with retain_graph, fed it already"
+)
 
 
 def check_alpha(alpha: float) -> float:
@@ -143,7 +146,8 @@ class ScoreSink:
     ``pending`` is set by an eager call (not under ``torch.compile``) to the activation its
     backward will score, ``[R, C]``, and cleared when the backward has added the score: a sink
     still pending once the backward pass is over belongs to a call whose output the loss never
-    used.
+    used (or whose product got no gradient). Each call feeds its sink in one backward pass; a
+    second one through a graph kept with ``retain_graph`` raises.
     """
 
     alpha: float
@@ -227,18 +231,20 @@ def _masked_linear_backward_impl(
     backend: str,
 ) -> Tensor:
     kernels = by_name(backend)
-    if grad_y.dtype != weight.dtype:
-        grad_y = grad_y.to(weight.dtype)
     feed = None
     if sink_out is not None:
         samples = sink_out.shape[0]
+        steps = grad_y.shape[0] // samples
         if sink_unit == "out":
-            # Unit out needs no product: the score of (y, dL/dy) is one pass before it.
-            g = grad_y.reshape(samples, -1, grad_y.shape[-1])
+            # Unit out needs no product: the score of (y, dL/dy) is one pass before it. Both are
+            # in y's dtype, which autocast may have made lower than the weight's.
+            g = grad_y.to(scored.dtype).reshape(samples, steps, grad_y.shape[-1])
             kernels.score_accumulate(scored.reshape(g.shape), g, alpha, sink_out, sink_valid)
         else:
-            a = scored.reshape(samples, -1, scored.shape[-1])
+            a = scored.reshape(samples, steps, scored.shape[-1])
             feed = ScoreFeed(a, alpha, sink_out, sink_valid)
+    if grad_y.dtype != weight.dtype:
+        grad_y = grad_y.to(weight.dtype)
     if _dx_shape(grad_y, weight, sink_out, sink_unit, dx_wanted) == (0,):
         return grad_y.new_empty(0)
     return kernels.masked_linear_backward(grad_y, weight, out_mask, in_mask, feed)
@@ -272,12 +278,16 @@ def _setup_context(ctx, inputs: tuple, output: Tensor) -> None:
     if sink_out is not None:
         # The score needs the activation back: y for unit out, x for unit mid.
         scored = output if unit == "out" else x
-    ctx.save_for_backward(weight, out_mask, in_mask, scored, sink_out, sink_valid)
+    ctx.save_for_backward(weight, out_mask, in_mask, scored, sink_valid)
+    # Added to, not read: saved as a tensor, a second call into the same sums (one sink fed by
+    # two calls of a graph) would fail autograd's check that saved tensors stay unchanged.
+    ctx.sink_out = sink_out
     ctx.options = (alpha, unit, dx_wanted, backend)
 
 
 def _backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-    weight, out_mask, in_mask, scored, sink_out, sink_valid = ctx.saved_tensors
+    weight, out_mask, in_mask, scored, sink_valid = ctx.saved_tensors
+    sink_out = ctx.sink_out
     alpha, unit, dx_wanted, backend = ctx.options
     dx_wanted = dx_wanted and ctx.needs_input_grad[0]
     dx = _masked_linear_backward(
@@ -311,6 +321,8 @@ class _MaskedLinearFunction(torch.autograd.Function):
         output = _masked_linear_impl(*inputs)
         _setup_context(ctx, inputs, output)
         ctx.sink = sink
+        if sink is not None:
+            ctx.pending = sink.pending = (output if sink.unit == "out" else x).detach()
         return output
 
     @staticmethod
@@ -324,10 +336,14 @@ class _MaskedLinearFunction(torch.autograd.Function):
 
 
 def _eager_backward(ctx, grad_y: Tensor) -> tuple[Tensor | None, ...]:
-    grads = _backward(ctx, grad_y)[:2]
-    if ctx.sink is not None:
-        ctx.sink.pending = None
-    return (*grads, None)
+    sink = ctx.sink
+    if sink is not None:
+        if ctx.pending is None:
+            raise RuntimeError(_FED_TWICE)  # as the torch-product path (see _NodeFeed)
+        if sink.pending is ctx.pending:
+            sink.pending = None
+        ctx.pending = None
+    return (*_backward(ctx, grad_y)[:2], None)
 
 
 @once_differentiable
@@ -354,24 +370,32 @@ def _torch_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
 class _NodeFeed:
     """Adds a sink's score from a hook on the backward node of a torch product (see
     :class:`LinearPlan`): a pre-hook gets ``(dL/dy,)`` (unit out), a post-hook ``dL/dx`` among the
-    product's input gradients (unit mid). It scores ``sink.pending`` and clears it."""
+    product's input gradients (unit mid, at ``index``). It holds its call's activation ``a``
+    until then, and releases it (and the sink's ``pending``, when it is the same) once fed."""
 
-    __slots__ = ("sink", "score", "alpha", "valid", "shape", "index")
+    __slots__ = ("sink", "a", "score", "alpha", "valid", "shape", "index")
 
-    def __init__(self, sink: ScoreSink, score: Callable, alpha: float, valid, shape, index: int):
-        self.sink, self.score, self.alpha, self.valid = sink, score, alpha, valid
-        self.shape, self.index = shape, index
+    def __init__(self, sink: ScoreSink, a: Tensor, score: Callable, alpha: float, valid, index):
+        self.sink, self.a, self.score, self.alpha, self.valid = sink, a, score, alpha, valid
+        self.shape = (sink.out.shape[0], a.shape[0] // sink.out.shape[0], a.shape[1])
+        self.index = index
 
     def __call__(self, grads: tuple[Tensor | None, ...], *_) -> None:
-        sink = self.sink
-        a = sink.pending
+        a, sink = self.a, self.sink
         if a is None:
             # Held until the node runs, not for the graph's life (every site's activation at
-            # once): a graph kept with retain_graph can feed a sink in one backward only.
-            raise RuntimeError("this score sink was fed by an earlier backward pass already")
-        sink.pending = None
-        shape = self.shape
+            # once), so a graph kept with retain_graph cannot feed the sink again.
+            raise RuntimeError(_FED_TWICE)
+        self.a = None
         g = grads[self.index]
+        if g is None:  # no gradient reached the product: the call stays pending, g = 0
+            return
+        if sink.pending is a:
+            sink.pending = None
+        # Under backward(create_graph=True) g is part of a graph, which the sums must not join;
+        # under autocast the product ran in a lower precision than the activation kept.
+        g = g.detach().to(a.dtype)
+        shape = self.shape
         self.score(a.reshape(shape), g.reshape(shape), self.alpha, sink.out, self.valid)
 
 
@@ -476,22 +500,22 @@ class LinearPlan:
         if by_torch:
             y = _torch_product(x2, weight, self.bias)
             score = by_name(self.backend).score_accumulate
-            shape = (sink.out.shape[0], -1, sink.out.shape[2])
             if unit == "out":
-                y.grad_fn.register_prehook(_NodeFeed(sink, score, alpha, valid, shape, 0))
+                pending = y.detach()
+                y.grad_fn.register_prehook(_NodeFeed(sink, pending, score, alpha, valid, 0))
             else:
+                pending = x2.detach()
                 index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
-                y.grad_fn.register_hook(_NodeFeed(sink, score, alpha, valid, shape, index))
-        else:
-            dx_wanted = x.requires_grad
-            if not dx_wanted:
-                # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a
-                # fresh leaf starts the graph here, and its gradient is not computed unless unit
-                # mid scores it.
-                x2 = x2.detach().requires_grad_()
-            y = _masked_linear(self._args(x2, sink.out, valid, alpha, unit, dx_wanted), sink)
-        if not torch.compiler.is_compiling():  # a compiled backward would not clear it
-            sink.pending = (y if unit == "out" else x2).detach()
+                y.grad_fn.register_hook(_NodeFeed(sink, pending, score, alpha, valid, index))
+            sink.pending = pending
+            return y.reshape(*lead, n_out)
+        dx_wanted = x.requires_grad
+        if not dx_wanted:
+            # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a fresh
+            # leaf starts the graph here, and its gradient is not computed unless unit mid
+            # scores it.
+            x2 = x2.detach().requires_grad_()
+        y = _masked_linear(self._args(x2, sink.out, valid, alpha, unit, dx_wanted), sink)
         return y.reshape(*lead, n_out)
 
     def _args(self, x2, sink_out, sink_valid, alpha, unit, dx_wanted) -> tuple:

@@ -11,6 +11,8 @@ Every kernel accumulates in float32 for float32, bfloat16 and float16 inputs. ``
 leaves the products to torch's BLAS and fuses everything around them into single passes: the
 input mask before the product, the output mask after it, and in the backward one pass over
 ``dL/dx`` that applies the input mask and adds the unit-``mid`` score of ``(x, dL/dx)``.
+Without masks those kernels would add nothing to torch's products, so the contract runs such
+calls as torch's own (``torch_products=True``) and only the score passes are this module's.
 """
 
 from __future__ import annotations
