@@ -394,7 +394,10 @@ class _NodeFeed:
             sink.pending = None
         # Under backward(create_graph=True) g is part of a graph, which the sums must not join;
         # under autocast the product ran in a lower precision than the activation kept.
-        g = g.detach().to(a.dtype)
+        if g.requires_grad:
+            g = g.detach()
+        if g.dtype != a.dtype:
+            g = g.to(a.dtype)
         shape = self.shape
         self.score(a.reshape(shape), g.reshape(shape), self.alpha, sink.out, self.valid)
 
