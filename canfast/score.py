@@ -673,6 +673,9 @@ def score(
     mask_token = model.tokenizer.mask_token if model.task == "masked" else None
     if objective is None and mask_token and not any(mask_token in s.prompt for s in samples):
         check_signal({}, True, 0, 0.0)  # before any work: nothing would be scored
+    # Taken before the passes, not after: the weights are the same, and right after a
+    # backward pass the host is cold (bench/host_after_gemm.py), where this costs twice as much.
+    fingerprint = model.fingerprint()
     trainable = [p for p in model.hf.parameters() if p.requires_grad]
     for p in trainable:
         p.requires_grad_(False)
@@ -708,7 +711,7 @@ def score(
         "unit": unit,
         "targets": targets,
         "model": model.name,
-        "model_fingerprint": model.fingerprint(),
+        "model_fingerprint": fingerprint,
         "data_fingerprint": data_fingerprint(samples),
         "n_samples": str(len(samples)),
         "objective": "mean_nll" if objective is None else getattr(objective, "__name__", "custom"),

@@ -75,10 +75,19 @@ def _score_into(
     multiplies ``g`` by it in place, row block ``m`` of the flattened rows using row ``m``, and
     scores the masked values."""
     batch, steps, channels = a.shape
-    a = _unit_channels(a)
-    g = _unit_channels(g)
+    # Called from the backward pass of every scored Linear, where each tensor attribute read
+    # costs microseconds (the host is cold after a product): strides are read once, as tuples.
+    a_strides, g_strides = a.stride(), g.stride()
+    if channels > 1 and a_strides[2] != 1:
+        a = a.contiguous()
+        a_strides = a.stride()
+    if channels > 1 and g_strides[2] != 1:
+        g = g.contiguous()
+        g_strides = g.stride()
     # bool is one byte per element, 0 or 1: the kernel reads it as uint8.
-    keep = valid.view(torch.uint8) if valid is not None else None
+    keep, keep_strides = 0, (0, 0)
+    if valid is not None:
+        keep, keep_strides = valid.data_ptr(), valid.stride()
     # The kernel adds into a [B, 3, C] block with unit channel stride; any other layout of out
     # gets its sums through a scratch buffer.
     sums = out if out.is_contiguous() else torch.zeros(batch, 3, channels)
@@ -89,18 +98,17 @@ def _score_into(
         batch,
         steps,
         channels,
-        a.stride(0),
-        a.stride(1),
-        g.stride(0),
-        g.stride(1),
-        keep.data_ptr() if keep is not None else 0,
-        keep.stride(0) if keep is not None else 0,
-        keep.stride(1) if keep is not None else 0,
+        a_strides[0],
+        a_strides[1],
+        g_strides[0],
+        g_strides[1],
+        keep,
+        *keep_strides,
         sums.data_ptr(),
-        sums.stride(0),
-        sums.stride(1),
+        3 * channels,
+        channels,
         alpha,
-        _threads(a.numel()),
+        _threads(batch * steps * channels),
         g_mask.data_ptr() if g_mask is not None else 0,
         g_mask.shape[0] if g_mask is not None else 1,
     )
