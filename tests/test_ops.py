@@ -412,6 +412,41 @@ def test_unmasked_score_sink(backend, dtype, unit, bias) -> None:
 
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", BACKENDS, indirect=True)
+def test_score_sink_with_untracked_input(backend, unit, masked) -> None:
+    """The first site on a path sees an x that needs no gradient: the call still starts a graph
+    that feeds its sink, x gets no gradient, and without masks on cpp and torch no Python node
+    is made and (unit out) no dL/dx is computed: the graph ends at the call's own output."""
+    samples, steps, k, n = 3, 5, 24, 19
+    x = randn(samples, steps, k)
+    w = randn(n, k, scale=0.2)
+    im = _mask(3, k) if masked else None
+    valid = torch.rand(samples, steps) > 0.25
+    channels = n if unit == "out" else k
+    sink = ops.ScoreSink(0.5, torch.zeros(samples, 3, channels), valid, unit)
+    y = ops.masked_linear(x, w, None, None, im, sink, backend=backend)
+    assert y.requires_grad and sink.pending is not None
+    if not masked and backend in ("torch", "cpp:avx2"):
+        names = _graph_names(y.grad_fn)
+        assert "MaskedLinear" not in names
+        if unit == "out":
+            assert "Mm" not in names, names
+    grad_y = randn(*y.shape, scale=1e-2)
+    y.backward(grad_y)
+    assert sink.pending is None and x.grad is None
+    xm = x if im is None else x * block_rows(im, samples * steps).reshape(x.shape)
+    if unit == "out":
+        want = score_truth((xm.reshape(-1, k) @ w.t()).reshape(y.shape), grad_y, 0.5, valid)
+    else:
+        dx = grad_y.double().reshape(-1, n) @ w.double()
+        if im is not None:
+            dx = dx * block_rows(im.double(), samples * steps)
+        want = score_truth(x.detach(), dx.reshape(x.shape).float(), 0.5, valid)
+    assert_increment(sink.out, torch.zeros_like(sink.out), want, SUM_TOL, "sink sums")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("unit", ["out", "mid"])
 @pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
 def test_score_sink_under_autocast(backend, unit, masked) -> None:
     """Under CPU autocast the product runs in bfloat16 while x stays float32: each score still

@@ -499,27 +499,48 @@ class LinearPlan:
             raise ValueError("a score sink is fed by the backward pass, but grad is disabled")
         _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
         valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
-        unit = sink.unit
-        if by_torch:
-            y = _torch_product(x2, weight, self.bias)
-            score = by_name(self.backend).score_accumulate
-            if unit == "out":
-                pending = y.detach()
-                y.grad_fn.register_prehook(_NodeFeed(sink, pending, score, alpha, valid, 0))
-            else:
-                pending = x2.detach()
-                index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
-                y.grad_fn.register_hook(_NodeFeed(sink, pending, score, alpha, valid, index))
-            sink.pending = pending
-            return y.reshape(*lead, n_out)
+        if self.by_torch and not torch.compiler.is_compiling():
+            return self._scored_by_torch(x2, lead, sink, valid, alpha)
         dx_wanted = x.requires_grad
         if not dx_wanted:
             # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a fresh
             # leaf starts the graph here, and its gradient is not computed unless unit mid
             # scores it.
             x2 = x2.detach().requires_grad_()
-        y = _masked_linear(self._args(x2, sink.out, valid, alpha, unit, dx_wanted), sink)
+        y = _masked_linear(self._args(x2, sink.out, valid, alpha, sink.unit, dx_wanted), sink)
         return y.reshape(*lead, n_out)
+
+    def _scored_by_torch(
+        self, x2: Tensor, lead: torch.Size, sink: ScoreSink, valid: Tensor | None, alpha: float
+    ) -> Tensor:
+        """An unmasked scored call as torch's own product, its sink fed by a hook on a node of
+        the graph: the product's for ``dL/dy`` or ``dL/dx`` when x is tracked. Where nothing
+        upstream needs ``dL/dx`` (the first site on the path), a fresh leaf starts the graph:
+        ``y`` for unit out, whose view's node sees ``dL/dy`` (no ``dL/dx`` is computed), and
+        ``x`` for unit mid, whose score needs ``dL/dx``."""
+        score = by_name(self.backend).score_accumulate
+        n_out = self.weight.shape[0]
+        if sink.unit == "mid":
+            if not x2.requires_grad:
+                x2 = x2.detach().requires_grad_()
+            y = _torch_product(x2, self.weight, self.bias)
+            pending = x2.detach()
+            index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
+            y.grad_fn.register_hook(_NodeFeed(sink, pending, score, alpha, valid, index))
+            out = y.reshape(*lead, n_out)
+        else:
+            y = _torch_product(x2, self.weight, self.bias)
+            pending = y.detach()
+            if y.grad_fn is None:
+                y.requires_grad_()
+                out = y.view(*lead, n_out)
+                node = out.grad_fn
+            else:
+                out = y.reshape(*lead, n_out)
+                node = y.grad_fn
+            node.register_prehook(_NodeFeed(sink, pending, score, alpha, valid, 0))
+        sink.pending = pending
+        return out
 
     def _args(self, x2, sink_out, sink_valid, alpha, unit, dx_wanted) -> tuple:
         """The arguments of the ``canfast::masked_linear`` op, in its order."""
