@@ -421,11 +421,11 @@ class LinearPlan:
     its caches), and there the checks of every argument cost more per call than a small layer's
     product: measured at a few hundred microseconds per Linear on a 50M-parameter model.
 
-    For the same reason a call without masks that autograd tracks, on a backend whose products
-    are torch's (``Backend.torch_products``: cpp, torch), runs as torch's own ``mm`` / ``addmm``
-    rather than through a Python autograd Function: the numbers are the same, and on the CPU a
-    Function's forward and backward cost about what a small layer's score pass does. A sink is
-    then fed by a hook on that product's backward node, which runs as the node does.
+    For the same reason a call without masks that autograd tracks or that feeds a sink, on a
+    backend whose products are torch's (``Backend.torch_products``: cpp, torch), runs as torch's
+    own ``mm`` / ``addmm`` rather than through a Python autograd Function: the numbers are the
+    same, and on the CPU a Function's forward and backward cost about what a small layer's score
+    pass does. A sink is then fed by a hook on a backward node, which runs as the node does.
     """
 
     weight: Tensor  # detached: weights never receive gradients
@@ -520,16 +520,15 @@ class LinearPlan:
         ``x`` for unit mid, whose score needs ``dL/dx``."""
         score = by_name(self.backend).score_accumulate
         n_out = self.weight.shape[0]
+        if sink.unit == "mid" and not x2.requires_grad:
+            x2 = x2.detach().requires_grad_()
+        y = _torch_product(x2, self.weight, self.bias)
         if sink.unit == "mid":
-            if not x2.requires_grad:
-                x2 = x2.detach().requires_grad_()
-            y = _torch_product(x2, self.weight, self.bias)
             pending = x2.detach()
             index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
             y.grad_fn.register_hook(_NodeFeed(sink, pending, score, alpha, valid, index))
             out = y.reshape(*lead, n_out)
         else:
-            y = _torch_product(x2, self.weight, self.bias)
             pending = y.detach()
             if y.grad_fn is None:
                 y.requires_grad_()

@@ -75,15 +75,11 @@ def _score_into(
     multiplies ``g`` by it in place, row block ``m`` of the flattened rows using row ``m``, and
     scores the masked values."""
     batch, steps, channels = a.shape
+    a = _unit_channels(a)
+    g = _unit_channels(g)
     # Called from the backward pass of every scored Linear, where each tensor attribute read
     # costs microseconds (the host is cold after a product): strides are read once, as tuples.
     a_strides, g_strides = a.stride(), g.stride()
-    if channels > 1 and a_strides[2] != 1:
-        a = a.contiguous()
-        a_strides = a.stride()
-    if channels > 1 and g_strides[2] != 1:
-        g = g.contiguous()
-        g_strides = g.stride()
     # bool is one byte per element, 0 or 1: the kernel reads it as uint8.
     keep, keep_strides = 0, (0, 0)
     if valid is not None:
