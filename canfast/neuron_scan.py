@@ -582,6 +582,8 @@ def scan(
             desc="scan" + (f" (rank {job.rank} of {job.world})" if job.distributed else ""),
             unit="neuron",
             unit_scale=1 / len(encoded),
+            # Whole neurons: the scaled counts are fractions while a site is part done.
+            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} [{elapsed}<{remaining}, {rate_fmt}]",
             disable=not progress,
             position=job.rank,
         )

@@ -4,6 +4,7 @@ forward each, in float64."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -584,3 +585,16 @@ def test_scan_with_the_default_budget_equals_one_block_per_site(monkeypatch):
                   progress=False)  # fmt: skip
     for name in whole.sites:
         _assert_close_relative(blocks[name], whole[name].double(), rtol=1e-9)
+
+
+def test_progress_counts_whole_neurons(capsys):
+    """The bar counts neuron-batches, so while a site is part done its scaled count is a
+    fraction: it is shown in whole neurons."""
+    model = tiny_models.wrap("llama")
+    site = model.sites()[0]
+    scan(model, _samples("llama"), sites=site.name, targets="given", batch_size=2)
+    err = capsys.readouterr().err
+    counts = re.findall(r"\| *([0-9.]+)/([0-9.]+) \[", err)
+    assert counts, err
+    assert all("." not in n and "." not in total for n, total in counts), counts
+    assert counts[-1] == (str(site.channels), str(site.channels))
