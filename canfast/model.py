@@ -156,13 +156,24 @@ class Model:
         model, or an objective that needs none) give the inputs alone, no token scored. A
         sample longer than the model's positions, or a target of unknown tokens only, is bad
         input."""
+        self._check_runnable()
         if self.task == "base" or all(s.target is None for s in samples):
             return check_encoded(self, samples, self.encoder.encode_inputs(samples))
         return check_encoded(self, samples, self.encoder.encode(samples))
 
     def encode_prompts(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
         """Prompt inputs for generation, padded as the model generates from them."""
+        self._check_runnable()
         return self.encoder.encode_prompts(samples)
+
+    def _check_runnable(self) -> None:
+        """Bad input for a model without a tokenizer: every run encodes first, so a model made
+        from a config.json (the architecture alone, on the meta device) is refused here."""
+        if self.processor is None:
+            raise BadInput(
+                f"model {self.name} has no tokenizer or processor to encode prompts with (one "
+                "read from a config.json is the architecture alone: it maps sites, not runs)"
+            )
 
     def forward(self, batch: Batch):
         inputs = dict(batch.inputs)

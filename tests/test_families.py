@@ -494,6 +494,22 @@ def test_sites_cli_reads_a_config(tmp_path, capsys):
     assert code == 2 and err.count("\n") == 1 and "no_such_model" in err
 
 
+@pytest.mark.parametrize("command", ["score", "sweep"])
+def test_a_config_maps_sites_but_does_not_run(tmp_path, capsys, monkeypatch, command):
+    """A config.json gives the architecture alone: a run is refused in one line, by name,
+    and writes nothing."""
+    from canfast.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    config = CONFIGS / "phi-3-mini-4k.json"
+    with pytest.raises(SystemExit) as stop:
+        main([command, "--model", str(config), "--out", "run"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1, err
+    assert "phi-3-mini-4k.json" in err and "no tokenizer" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 # ----- the README's families table ------------------------------------------------------------
 
 
