@@ -164,7 +164,18 @@ class Model:
     def encode_prompts(self, samples: Sequence[Sample]) -> dict[str, Tensor]:
         """Prompt inputs for generation, padded as the model generates from them."""
         self._check_runnable()
-        return self.encoder.encode_prompts(samples)
+        inputs = self.encoder.encode_prompts(samples)
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if ids is not None:
+            lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
+            for sample, length in zip(samples, lengths.tolist(), strict=True):
+                if length == 0:
+                    # Generation has nothing to start from; transformers fails on it obscurely.
+                    raise BadInput(
+                        f"prompt {sample.prompt[:40]!r} is no tokens at all to the tokenizer of "
+                        f"{self.name}; give a prompt it can read"
+                    )
+        return inputs
 
     def _check_runnable(self) -> None:
         """Bad input for a model without a tokenizer: every run encodes first, so a model made

@@ -119,6 +119,17 @@ def test_encode_needs_targets_and_images(models):
         models["llava"].encode([Sample(None, "what is it ?", "red")])
 
 
+def test_a_prompt_of_no_tokens_is_refused_before_generation(models):
+    """GPT-2's tokenizer adds no BOS, so an empty prompt is no tokens: nothing to generate from
+    (transformers failed on it with an IndexError); one beside it in a batch is refused too."""
+    gpt2 = models["gpt2"]
+    with pytest.raises(BadInput, match="prompt '' is no tokens"):
+        gpt2.encode_prompts([Sample(None, "what is it ?"), Sample(None, "")])
+    with pytest.raises(BadInput, match="prompt '' is no tokens"):
+        generate_answers(gpt2, [Sample(None, "")], max_new_tokens=2, batch_size=1)
+    assert gpt2.encode_prompts([Sample(None, "what is it ?")])["input_ids"].shape[1] > 0
+
+
 def reference_nll(model, sample) -> float:
     """Mean NLL of the sample's targets computed alone, from the model's logits and labels built
     here: the last ``len(target) + 1`` tokens are the target and EOS (decoder models), the
