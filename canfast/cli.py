@@ -382,7 +382,8 @@ def _exit_if_failed(done) -> None:
     "scores_path",
     type=click.Path(path_type=Path),
     default=None,
-    help="scores.safetensors (or its run directory); scored first when absent.",
+    help="scores.safetensors (or its run directory), narrowed to the selected sites; scored "
+    "first when absent.",
 )
 @SWEEP
 @OUTPUT

@@ -285,7 +285,8 @@ def _options(model, data, sites, scoring, sweep) -> dict:
         },
         "sites": asdict(sites) | {k: list(v) for k, v in asdict(sites).items() if k != "unit"},
         "scoring": {
-            "alpha": scoring.alpha,
+            # Scores read from a file have their own alpha, in that file.
+            "alpha": scoring.alpha if scoring.path is None else None,
             "backend": scoring.backend,
             "objective": None
             if scoring.objective is None
@@ -333,7 +334,10 @@ def _pin(run_dir: RunDir, job, record: dict) -> None:
 def _compute(run_dir, work, job, loaded, samples, data, sites, scoring, sweep, strategy):
     """The scores (read or computed) and the strategy's result (None without a sweep)."""
     chosen = [s.name for s in sites.select(loaded)]
-    scores = read_scores(scoring.path, loaded) if scoring.path is not None else None
+    scores = None
+    if scoring.path is not None:
+        scores = read_scores(scoring.path, loaded)
+        scores, chosen = _selected_scores(scores, sites, chosen, scoring.path)
     result = None
     if sweep is None:
         if scores is None:
@@ -387,6 +391,26 @@ def _compute(run_dir, work, job, loaded, samples, data, sites, scoring, sweep, s
         if sweep.by:
             result.info["by"] = {g: sweep_by(g, sweep_job) for g in sweep.by}
     return scores, result
+
+
+def _selected_scores(scores: Scores, sites: SiteConfig, chosen: list[str], path) -> tuple:
+    """Scores read from a file, as the run's site selection takes them: of the run's unit, and
+    narrowed to the selected sites among those scored (a selection never adds a site the scores
+    lack). Returns the scores and the sites they now hold, in their order."""
+    unit = scores.meta.get("unit", "out")
+    if unit != sites.unit:
+        raise BadInput(
+            f"scores {path} are of unit {unit!r} and this run's sites of {sites.unit!r}: "
+            f"select the same unit (--unit {unit})"
+        )
+    wanted = set(chosen)
+    kept = [site for site in scores.sites if site in wanted]
+    if not kept:
+        raise BadInput(f"scores {path} hold none of the selected sites")
+    if len(kept) < len(scores.sites):
+        stats = {site: scores.stats[site] for site in kept if site in scores.stats}
+        scores = Scores({site: scores.values[site] for site in kept}, stats, dict(scores.meta))
+    return scores, kept
 
 
 def _score(model, samples, sites, scoring, data, chosen, targets) -> Scores:

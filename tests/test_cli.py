@@ -8,6 +8,7 @@ path runs once, on three samples and a handful of k.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file
 
 from canfast.cli import main, main_group
 
@@ -553,6 +555,39 @@ def test_sweep_with_scores_overwrites_and_prints_json(work, score_run):
     assert generations and all(isinstance(g, dict) for g in generations)
     # Scores came from --scores: none are written again beside the sweep.
     assert not (out / "scores.safetensors").exists()
+
+
+def test_sweep_with_scores_masks_only_the_selected_sites(work, score_run):
+    """A site selection narrows scores read with --scores: only the selected sites' neurons are
+    ranked and masked, and the manifest names those sites. Scores of the other unit are
+    refused."""
+    sweep_from = functools.partial(
+        run_cli,
+        "sweep",
+        "--model",
+        work / "llava-a",
+        "--data",
+        work / "data/shapes.jsonl",
+        "--scores",
+        score_run[0],
+        *SWEEP_FAST,
+        cwd=work,
+    )
+    out = work / "sweep-language"
+    result = sweep_from("--sites", "language.*", "--out", out)
+    assert result.returncode == 0, result.stderr
+    scored = load_file(str(score_run[0] / "scores.safetensors"))
+    language = [name for name in scored if name.startswith("language.") and "@" not in name]
+    assert language and len(language) < len([n for n in scored if "@" not in n])
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["n_neurons"] == sum(scored[name].numel() for name in language)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["run"]["selected_sites"]) == sorted(language)
+    assert manifest["run"]["scoring"]["alpha"] is None  # the scores file holds its own
+
+    out = work / "sweep-mid"
+    error_line(sweep_from("--unit", "mid", "--out", out), "unit 'out'", "--unit out")
+    assert not out.exists()
 
 
 def test_generate_prints_base_and_masked_answers(work, score_run):
