@@ -450,7 +450,7 @@ def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
         done.files += [Path(p).name for p in result.write(stage)]
     if strategy and strategy.report:
         try:
-            page = write_report(stage, required=False)
+            page = write_report(stage, required=False, name=run_dir.path.name)
         except Exception as exc:  # noqa: BLE001 - any failure here must not lose the result
             done.failed = f"report: {type(exc).__name__}: {exc}"
         else:
@@ -490,9 +490,12 @@ def read_scores(path: str | Path, model: Model | None = None) -> Scores:
     return scores
 
 
-def write_report(run_dir: str | Path, required: bool = True) -> Path | None:
+def write_report(
+    run_dir: str | Path, required: bool = True, name: str | None = None
+) -> Path | None:
     """Write ``report.html`` for ``run_dir``. Without the report's plotting dependencies this
-    is bad input when ``required``, and skipped otherwise."""
+    is bad input when ``required``, and skipped otherwise. ``name``: the run's name on the page,
+    for a run drawn in its staging directory (default: the directory's)."""
     run_dir = Path(run_dir)
     if required and not any((run_dir / f).is_file() for f in ("sweep.json", "scan.json")):
         raise BadInput(f"{run_dir}: no sweep.json or scan.json in this run directory")
@@ -503,10 +506,10 @@ def write_report(run_dir: str | Path, required: bool = True) -> Path | None:
             raise BadInput("the report module is not available in this installation") from None
         return None
     if not required:
-        return draw(run_dir)  # into a run being written
+        return draw(run_dir, name)  # into a run being written
     # Added to a finished run whole: a failed report leaves the run as it was.
     with RunDir(run_dir, amend=True, command="report") as amend:
-        page = draw(amend.stage)
+        page = draw(amend.stage, run_dir.name)
     return run_dir / Path(page).name
 
 

@@ -584,6 +584,9 @@ def test_sweep_with_scores_masks_only_the_selected_sites(work, score_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["run"]["selected_sites"]) == sorted(language)
     assert manifest["run"]["scoring"]["alpha"] is None  # the scores file holds its own
+    page = (out / "report.html").read_text()
+    # Named by the run's directory, not the staging directory it was drawn in.
+    assert f"run {out.name} ·" in page and ".partial" not in page
 
     out = work / "sweep-mid"
     error_line(sweep_from("--unit", "mid", "--out", out), "unit 'out'", "--unit out")

@@ -505,11 +505,14 @@ def test_cli_single_writes_the_scan_and_its_report(tmp_path):
     assert not (run / "sweep.json").exists()
     page = (run / "report.html").read_text()
     assert "Single-neuron scan" in page and "scan_can.png" in page
+    # Named by the run's directory, not the staging directory it was drawn in.
+    assert f"run {run.name} ·" in page and ".partial" not in page
     loaded = Scan.load(run)
     assert loaded.sites == ["language.2.down"] and not torch.isnan(loaded["language.2.down"]).any()
     # The report command redraws it.
     again = _cli("report", run, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    assert f"run {run.name} ·" in (run / "report.html").read_text()
 
     # Bad input: a scan's scores from another model, and more neurons to verify than exist.
     other = _cli(

@@ -44,8 +44,9 @@ class _Figures:
                     old.unlink(missing_ok=True)
 
 
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` and its PNGs into ``run_dir``; return the page's path.
+def write_report(run_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``report.html`` and its PNGs into ``run_dir``; return the page's path. ``name``:
+    the run's name on the page (default: the directory's).
 
     Needs ``sweep.json``; ``scores.safetensors``, ``neurons.json`` and ``generations.jsonl``
     add their sections when present. Raises ``BadInput`` when the directory is not a run.
@@ -53,8 +54,8 @@ def write_report(run_dir: str | Path) -> Path:
     if not (Path(run_dir) / "sweep.json").is_file() and (Path(run_dir) / "scan.json").is_file():
         from canfast.report.scan import write_scan_report
 
-        return write_scan_report(run_dir)
-    run = load_run(run_dir)
+        return write_scan_report(run_dir, name)
+    run = load_run(run_dir, name)
     out = _Figures(run.path)
     body = [html.header(run, verdict(run.sweep))]
     anchors = [("collapse", "Collapse curve")]

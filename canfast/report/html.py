@@ -122,7 +122,7 @@ def paragraph(text: str, css: str | None = None) -> str:
 
 def header(run: Run, sentences: Sequence[str]) -> str:
     model = run.model or "unknown model"
-    sub = f"run {run.path.name} · {run.sweep.kind} sweep · canfast report"
+    sub = f"run {run.name or run.path.name} · {run.sweep.kind} sweep · canfast report"
     verdict = "".join(paragraph(s) for s in sentences)
     return (
         f"<h1>canfast: {escape(model)}</h1><p class='sub'>{escape(sub)}</p>"

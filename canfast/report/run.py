@@ -64,6 +64,7 @@ class Run:
     scores: Scores | None = None
     top: list[tuple[str, int, float]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    name: str = ""  # the run's name on the page (a run is drawn in its staging directory)
 
     @property
     def k_star(self) -> int | None:
@@ -89,10 +90,11 @@ class Run:
         return dict(self.scores.meta) if self.scores is not None else {}
 
 
-def load_run(run_dir: str | Path) -> Run:
-    """Read ``sweep.json`` and whatever else the run directory holds."""
+def load_run(run_dir: str | Path, name: str | None = None) -> Run:
+    """Read ``sweep.json`` and whatever else the run directory holds; ``name``: the run's name
+    (default: the directory's)."""
     path = Path(run_dir)
-    run = Run(path, SweepResult.load(path))
+    run = Run(path, SweepResult.load(path), name=name or path.name)
     if (path / "scores.safetensors").is_file():
         run.scores = Scores.load(path / "scores.safetensors")
     else:

@@ -64,8 +64,9 @@ def _scatter(x, y, component, xlabel, ylabel, title, log_x: bool, diagonal: bool
     return _png(fig)
 
 
-def write_scan_report(run_dir: str | Path) -> Path:
-    """Write ``report.html`` and its PNGs for a run directory holding a scan."""
+def write_scan_report(run_dir: str | Path, name: str | None = None) -> Path:
+    """Write ``report.html`` and its PNGs for a run directory holding a scan; ``name``: the
+    run's name on the page (default: the directory's)."""
     path = Path(run_dir)
     scan = Scan.load(path)
     overview = scan.overview
@@ -216,7 +217,8 @@ def write_scan_report(run_dir: str | Path) -> Path:
     model = scan.meta.get("model", "run")
     body = [
         f"<h1>canfast: {html.escape(model)}</h1>"
-        f"<p class='sub'>run {html.escape(path.name)} · single-neuron scan · canfast report</p>",
+        f"<p class='sub'>run {html.escape(name or path.name)} · single-neuron scan · canfast "
+        "report</p>",
         html.section("scan", "Single-neuron scan", "".join(parts)),
     ]
     return write_text(path / "report.html", html.document(f"canfast scan: {model}", body))
