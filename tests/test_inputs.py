@@ -780,7 +780,7 @@ def test_a_failed_report_keeps_the_sweep_and_says_what_failed(tmp_path, monkeypa
     from canfast.io import read_manifest
     from canfast.pipeline import DataConfig, ModelConfig, SweepConfig, run
 
-    def broken(run_dir):
+    def broken(run_dir, name=None):
         raise RuntimeError("no figures today")
 
     monkeypatch.setattr(canfast.report, "write_report", broken)
