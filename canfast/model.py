@@ -167,8 +167,8 @@ class Model:
         inputs = self.encoder.encode_prompts(samples)
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if ids is not None:
-            lengths = mask.sum(1) if mask is not None else torch.full((ids.shape[0],), ids.shape[1])
-            for sample, length in zip(samples, lengths.tolist(), strict=True):
+            lengths = mask.sum(1).tolist() if mask is not None else [ids.shape[1]] * len(samples)
+            for sample, length in zip(samples, lengths, strict=True):
                 if length == 0:
                     # Generation has nothing to start from; transformers fails on it obscurely.
                     raise BadInput(

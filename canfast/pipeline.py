@@ -408,8 +408,7 @@ def _selected_scores(scores: Scores, sites: SiteConfig, chosen: list[str], path)
     if not kept:
         raise BadInput(f"scores {path} hold none of the selected sites")
     if len(kept) < len(scores.sites):
-        stats = {site: scores.stats[site] for site in kept if site in scores.stats}
-        scores = Scores({site: scores.values[site] for site in kept}, stats, dict(scores.meta))
+        scores = scores.only(kept)
     return scores, kept
 
 

@@ -84,6 +84,14 @@ class Scores:
     def top(self, k: int) -> NeuronSet:
         return self.ranking()[:k]
 
+    def only(self, sites: Sequence[str]) -> Scores:
+        """These scores narrowed to ``sites`` (in that order), with their statistics."""
+        return Scores(
+            {s: self.values[s] for s in sites},
+            {s: self.stats[s] for s in sites if s in self.stats},
+            dict(self.meta),
+        )
+
     def save(self, path) -> None:
         tensors = dict(self.values)
         for site, stats in self.stats.items():

@@ -13,14 +13,6 @@ from canfast.timing import Timings
 GROUPINGS = ("component", "kind", "category")
 
 
-def _restrict(scores: Scores, sites: list[str]) -> Scores:
-    return Scores(
-        {s: scores.values[s] for s in sites},
-        {s: scores.stats[s] for s in sites if s in scores.stats},
-        dict(scores.meta),
-    )
-
-
 def _group_job(job: SweepJob, ranking: Scores, samples=None) -> SweepJob:
     """``job`` narrowed to one group: its sites (and samples), its own k grid, no generations."""
     config = replace(job.config, generations=0, by=())
@@ -68,7 +60,7 @@ def sweep_by(by: str, job: SweepJob) -> list[dict]:
         component, _, kind = site_name.split(".")
         groups.setdefault(component if by == "component" else kind, []).append(site_name)
     for group, sites in groups.items():
-        result = run_strategy(_group_job(job, _restrict(scores, sites)))
+        result = run_strategy(_group_job(job, scores.only(sites)))
         rows.append(_row(group, result, len(job.samples)))
     return rows
 
