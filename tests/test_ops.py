@@ -397,7 +397,7 @@ def test_unmasked_score_sink(backend, dtype, unit, bias) -> None:
     sink = ops.ScoreSink(0.5, torch.zeros(samples, 3, channels), valid, unit)
     y = ops.masked_linear(x, w, b, sink=sink, backend=backend)
     kept = y if unit == "out" else x
-    assert torch.equal(sink.pending, kept.detach().reshape(-1, channels))
+    assert torch.equal(sink.pending.reshape(-1, channels), kept.detach().reshape(-1, channels))
     grad_y = randn(*y.shape, dtype=dtype, scale=1e-2)
     y.backward(grad_y, retain_graph=True)
     assert sink.pending is None
@@ -443,6 +443,54 @@ def test_score_sink_with_untracked_input(backend, unit, masked) -> None:
             dx = dx * block_rows(im.double(), samples * steps)
         want = score_truth(x.detach(), dx.reshape(x.shape).float(), 0.5, valid)
     assert_increment(sink.out, torch.zeros_like(sink.out), want, SUM_TOL, "sink sums")
+
+
+@pytest.mark.parametrize("layout", ["rows", "contiguous", "strided", "4d"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_IDS.get)
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2"], indirect=True)
+def test_unmasked_tracked_call_is_the_backends_product(backend, unit, dtype, bias, layout) -> None:
+    """An unmasked call that autograd tracks runs as torch's own product (in x's shape where
+    torch's linear is the product of the rows): its output and dL/dx are, bit for bit, the
+    backend's own masked_linear and its backward on the flattened rows."""
+    k, n = 40, 24
+    base = randn(4, 6, k, dtype=dtype)
+    x = {
+        "rows": base.reshape(24, k),
+        "contiguous": base,
+        "strided": base.transpose(0, 1),
+        "4d": base.reshape(2, 2, 6, k),
+    }[layout]
+    assert x.is_contiguous() == (layout != "strided")
+    w = randn(n, k, dtype=dtype, scale=0.2)
+    b = randn(n, dtype=dtype) if bias else None
+    grad_y = randn(*x.shape[:-1], n, dtype=dtype)
+
+    rows = x.reshape(-1, k).clone().requires_grad_()
+    want = _masked_linear_function(rows, w, b, backend)
+    want.backward(grad_y.reshape(-1, n))
+
+    tracked = x.clone().requires_grad_()
+    samples = x.shape[0]
+    channels = n if unit == "out" else k
+    for sink in (None, ops.ScoreSink(0.5, torch.zeros(samples, 3, channels), None, unit)):
+        tracked.grad = None
+        y = ops.masked_linear(tracked, w, b, sink=sink, backend=backend)
+        assert "MaskedLinear" not in _graph_names(y.grad_fn)
+        assert y.shape == (*x.shape[:-1], n)
+        assert torch.equal(y.detach().reshape(-1, n), want.detach())
+        y.backward(grad_y)
+        assert torch.equal(tracked.grad.reshape(-1, k), rows.grad)
+
+
+def _masked_linear_function(x: Tensor, w: Tensor, b: Tensor | None, backend: str) -> Tensor:
+    """The backend's own kernels for an unmasked call, through the op's autograd Function (an
+    all-ones mask keeps the contract from running it as torch's product)."""
+    ones = torch.ones(w.shape[0], dtype=x.dtype)
+    y = ops.masked_linear(x, w, b, out_mask=ones, backend=backend)
+    assert "MaskedLinear" in _graph_names(y.grad_fn)
+    return y
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -144,7 +144,8 @@ class ScoreSink:
     (``C = N``: ``y`` and ``dL/dy``); unit ``mid`` the input (``C = K``: ``x`` and ``dL/dx``).
 
     ``pending`` is set by an eager call (not under ``torch.compile``) to the activation its
-    backward will score, ``[R, C]``, and cleared when the backward has added the score: a sink
+    backward will score (``[..., C]``: ``[R, C]``, or the layer's own shape where the call ran
+    as torch's), and cleared when the backward has added the score: a sink
     still pending once the backward pass is over belongs to a call whose output the loss never
     used (or whose product got no gradient). Each call feeds its sink in one backward pass; a
     second one through a graph kept with ``retain_graph`` raises.
@@ -367,6 +368,21 @@ def _torch_product(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
     return torch.addmm(bias, x, weight.t())
 
 
+def _torch_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """``_torch_product`` of x's rows, in x's shape.
+
+    Where torch's ``linear`` is itself that ``mm`` / ``addmm`` of the flattened rows (2-D x, or
+    contiguous 3-D x, the shape of every transformer's hidden states), it is called on x as it
+    is: reshaping to rows and back from Python costs about 80 us per call inside a model's pass
+    (the host is cold after each product), as much as everything else a scored call adds.
+    """
+    if x.dim() == 2 or (x.dim() == 3 and x.is_contiguous()):
+        return torch.nn.functional.linear(x, weight, bias)
+    return _torch_product(x.reshape(-1, x.shape[-1]), weight, bias).reshape(
+        *x.shape[:-1], weight.shape[0]
+    )
+
+
 class _NodeFeed:
     """Adds a sink's score from a hook on the backward node of a torch product (see
     :class:`LinearPlan`): a pre-hook gets ``(dL/dy,)`` (unit out), a post-hook ``dL/dx`` among the
@@ -377,7 +393,8 @@ class _NodeFeed:
 
     def __init__(self, sink: ScoreSink, a: Tensor, score: Callable, alpha: float, valid, index):
         self.sink, self.a, self.score, self.alpha, self.valid = sink, a, score, alpha, valid
-        self.shape = (sink.out.shape[0], a.shape[0] // sink.out.shape[0], a.shape[1])
+        samples, channels = sink.out.shape[0], a.shape[-1]
+        self.shape = (samples, a.numel() // (samples * channels), channels)
         self.index = index
 
     def __call__(self, grads: tuple[Tensor | None, ...], *_) -> None:
@@ -481,15 +498,15 @@ class LinearPlan:
             blocks = shape[0]
             if blocks == 0 or x.shape[0] % blocks:
                 raise ValueError(f"{x.shape[0]} rows do not split into {blocks} mask blocks")
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, n_in)
         # Only x's gradient is ever computed: weights requiring grad do not make a graph.
         tracked = torch.is_grad_enabled() and x.requires_grad
         by_torch = self.by_torch and tracked and not torch.compiler.is_compiling()
+        if sink is None and by_torch:
+            return _torch_linear(x, weight, self.bias)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, n_in)
         if sink is None:
-            if by_torch:
-                y = _torch_product(x2, weight, self.bias)
-            elif tracked:
+            if tracked:
                 y = _masked_linear(self._args(x2, None, None, 0.0, "out", True))
             else:
                 with torch.no_grad():
@@ -500,7 +517,7 @@ class LinearPlan:
         _check_tensors("masked_linear", x=x, **{"sink.out": sink.out, "sink.valid": sink.valid})
         valid, alpha = _check_sink(sink, x2.shape[0], n_out, n_in)
         if self.by_torch and not torch.compiler.is_compiling():
-            return self._scored_by_torch(x2, lead, sink, valid, alpha)
+            return self._scored_by_torch(x, sink, valid, alpha)
         dx_wanted = x.requires_grad
         if not dx_wanted:
             # Nothing upstream needs dL/dx, but the backward must run to feed the sink: a fresh
@@ -511,32 +528,33 @@ class LinearPlan:
         return y.reshape(*lead, n_out)
 
     def _scored_by_torch(
-        self, x2: Tensor, lead: torch.Size, sink: ScoreSink, valid: Tensor | None, alpha: float
+        self, x: Tensor, sink: ScoreSink, valid: Tensor | None, alpha: float
     ) -> Tensor:
         """An unmasked scored call as torch's own product, its sink fed by a hook on a node of
-        the graph: the product's for ``dL/dy`` or ``dL/dx`` when x is tracked. Where nothing
-        upstream needs ``dL/dx`` (the first site on the path), a fresh leaf starts the graph:
-        ``y`` for unit out, whose view's node sees ``dL/dy`` (no ``dL/dx`` is computed), and
-        ``x`` for unit mid, whose score needs ``dL/dx``."""
+        the graph: the node that makes ``y`` sees ``dL/dy`` (unit out), the product's node
+        ``dL/dx`` among its input gradients (unit mid). Where nothing upstream needs ``dL/dx``
+        (the first site on the path), a fresh leaf starts the graph: ``y`` for unit out, whose
+        view's node sees ``dL/dy`` (no ``dL/dx`` is computed), and ``x`` for unit mid, whose
+        score needs ``dL/dx``."""
         score = by_name(self.backend).score_accumulate
-        n_out = self.weight.shape[0]
-        if sink.unit == "mid" and not x2.requires_grad:
-            x2 = x2.detach().requires_grad_()
-        y = _torch_product(x2, self.weight, self.bias)
         if sink.unit == "mid":
+            n_out = self.weight.shape[0]
+            x2 = x.reshape(-1, x.shape[-1])
+            if not x2.requires_grad:
+                x2 = x2.detach().requires_grad_()
+            y = _torch_product(x2, self.weight, self.bias)
             pending = x2.detach()
             index = 0 if self.bias is None else 1  # x's place among mm's / addmm's inputs
             y.grad_fn.register_hook(_NodeFeed(sink, pending, score, alpha, valid, index))
-            out = y.reshape(*lead, n_out)
+            out = y.reshape(*x.shape[:-1], n_out)
         else:
-            pending = y.detach()
-            if y.grad_fn is None:
-                y.requires_grad_()
-                out = y.view(*lead, n_out)
+            out = _torch_linear(x, self.weight, self.bias)
+            pending = out.detach()
+            node = out.grad_fn
+            if node is None:
+                out.requires_grad_()
+                out = out.view_as(out)
                 node = out.grad_fn
-            else:
-                out = y.reshape(*lead, n_out)
-                node = y.grad_fn
             node.register_prehook(_NodeFeed(sink, pending, score, alpha, valid, 0))
         sink.pending = pending
         return out
