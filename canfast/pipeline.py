@@ -214,6 +214,12 @@ def run(
         if problem is not None:
             raise problem
         raise SystemExit(2)  # rank 0 said why
+    if resume and job.leader and not run_dir.resumed:
+        # Said before the work, not after it: a mistyped --out would otherwise cost a whole run.
+        print(
+            f"canfast: {out} holds no finished work to resume: the run starts from the beginning",
+            file=sys.stderr,
+        )
     try:
         work = _work(run_dir, out, sweep, job)
         done = _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, report)

@@ -217,6 +217,20 @@ def test_resume_needs_the_run_directory(workdir):
     error_line(run_cli("sweep", "--resume", cwd=workdir), "--out")
 
 
+def test_resume_with_nothing_to_resume_says_so_and_runs_whole(workdir, sweep_reference):
+    out = workdir / "never-started"
+    resumed = run_cli("sweep", *SWEEP, "--out", out, "--resume", cwd=workdir)
+    assert resumed.returncode == 0, resumed.stderr
+    said = [
+        line for line in resumed.stderr.splitlines() if "nothing" in line or "no finished" in line
+    ]
+    assert said == [
+        f"canfast: {out} holds no finished work to resume: the run starts from the beginning"
+    ]
+    assert "resumed:" not in resumed.stdout
+    same_run(sweep_reference, out)
+
+
 def test_search_refuses_a_schedule_and_the_scan(workdir):
     error_line(run_cli("sweep", "--search", "--schedule", "1:8", cwd=workdir), "--schedule")
     error_line(run_cli("sweep", "--search", "--sweep-kind", "single", cwd=workdir), "--search")
