@@ -396,9 +396,10 @@ def _exit_if_failed(done) -> None:
 def sweep(scores_path, resume, as_json, **params):
     """Mask the top-k CAN neurons progressively until the model collapses.
 
-    Writes scores.safetensors and neurons.json (when it scores), the strategy's files
-    (sweep.json and generations.jsonl for progressive and random) and report.html, and prints
-    the collapse curve with k1 (onset) and k* (collapse) beside the random baseline.
+    Writes scores.safetensors and neurons.json (those of --scores, narrowed to the selected
+    sites), the strategy's files (sweep.json and generations.jsonl for progressive and random)
+    and report.html, and prints the collapse curve with k1 (onset) and k* (collapse) beside the
+    random baseline.
     """
     from dataclasses import replace
 

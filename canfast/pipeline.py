@@ -175,8 +175,8 @@ def run(
 ) -> RunOutcome:
     """Score (or read the scores), sweep when ``sweep`` is given, and write the run directory.
 
-    Writes ``scores.safetensors`` and ``neurons.json`` (unless the scores were read), the
-    strategy's own files, and ``report.html`` when the strategy has one. ``out`` defaults to
+    Writes ``scores.safetensors`` and ``neurons.json`` (read scores: as narrowed to the selected
+    sites), the strategy's own files, and ``report.html`` when the strategy has one. ``out`` defaults to
     ``runs/<score|sweep>-MODEL-TIME``; an existing non-empty one needs ``overwrite``.
 
     A sweep keeps each finished chunk of its work as it goes: after a kill, ``resume=True`` with
@@ -268,7 +268,7 @@ def _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, repor
     if not job.leader:
         return RunOutcome(run_dir.path, scores, result, leader=False)
     shown = strategy if report else None
-    return _write_run(run_dir, scores, scoring.path is None, result, shown)
+    return _write_run(run_dir, scores, result, shown)
 
 
 def _options(model, data, sites, scoring, sweep) -> dict:
@@ -436,8 +436,12 @@ def _score(model, samples, sites, scoring, data, chosen, targets) -> Scores:
     return scores
 
 
-def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
+def _write_run(run_dir, scores, result, strategy) -> RunOutcome:
     """Write the run's files into its staging directory, the result first, and commit it.
+
+    The scores and their ranking are written whether computed or read (``--scores``, narrowed
+    to the selected sites): a run directory holds the ranking it masked, and its report draws
+    the heat maps and the placement from it.
 
     A failure after the result (the report) leaves the result, committed, and says what failed
     in the manifest and in ``RunOutcome.failed``: no later step can lose a sweep."""
@@ -445,12 +449,10 @@ def _write_run(run_dir, scores, write_scores, result, strategy) -> RunOutcome:
 
     stage = run_dir.stage
     done = RunOutcome(run_dir.path, scores, result)
-    if write_scores:
-        if not (stage / SCORES_FILE).is_file():  # a sweep keeps its scores as it goes
-            scores.save(stage / SCORES_FILE)
-        done.files.append(SCORES_FILE)
-        write_json(stage / NEURONS_FILE, neuron_records(scores.ranking()))
-        done.files.append(NEURONS_FILE)
+    if not (stage / SCORES_FILE).is_file():  # a sweep keeps its scores as it goes
+        scores.save(stage / SCORES_FILE)
+    write_json(stage / NEURONS_FILE, neuron_records(scores.ranking()))
+    done.files += [SCORES_FILE, NEURONS_FILE]
     if result is not None:
         done.files += [Path(p).name for p in result.write(stage)]
     if strategy and strategy.report:

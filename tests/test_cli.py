@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from canfast.cli import main, main_group
@@ -553,8 +554,14 @@ def test_sweep_with_scores_overwrites_and_prints_json(work, score_run):
         json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()
     ]
     assert generations and all(isinstance(g, dict) for g in generations)
-    # Scores came from --scores: none are written again beside the sweep.
-    assert not (out / "scores.safetensors").exists()
+    # Scores came from --scores: the run holds them as read (every site was selected), and
+    # the ranking they give.
+    read = load_file(str(score_run[0] / "scores.safetensors"))
+    kept = load_file(str(out / "scores.safetensors"))
+    assert kept.keys() == read.keys()
+    assert all(torch.equal(kept[name], read[name]) for name in read)
+    ranked = (score_run[0] / "neurons.json").read_text()
+    assert (out / "neurons.json").read_text() == ranked
 
 
 def test_sweep_with_scores_masks_only_the_selected_sites(work, score_run):
@@ -584,9 +591,17 @@ def test_sweep_with_scores_masks_only_the_selected_sites(work, score_run):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["run"]["selected_sites"]) == sorted(language)
     assert manifest["run"]["scoring"]["alpha"] is None  # the scores file holds its own
+    # The run holds the ranking it masked: the scores read, narrowed, and their neurons.json.
+    kept = load_file(str(out / "scores.safetensors"))
+    assert sorted(n for n in kept if "@" not in n) == sorted(language)
+    assert all(torch.equal(kept[name], scored[name]) for name in language)
+    ranked = json.loads((out / "neurons.json").read_text())
+    assert len(ranked) == sweep["n_neurons"]
+    assert {r["neuron"].split(":")[0] for r in ranked} == set(language)
     page = (out / "report.html").read_text()
     # Named by the run's directory, not the staging directory it was drawn in.
     assert f"run {out.name} ·" in page and ".partial" not in page
+    assert "is not in this run directory" not in page and "no placement" not in page
 
     out = work / "sweep-mid"
     error_line(sweep_from("--unit", "mid", "--out", out), "unit 'out'", "--unit out")
