@@ -22,12 +22,15 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+import torch
+
 from canfast import distributed
 from canfast.data import Sample, load_data
 from canfast.errors import BadInput
 from canfast.io import CHUNKS, RunDir, partial_path
 from canfast.model import Model, load, quiet_transformers
 from canfast.objective import Objective, with_targets
+from canfast.ops.registry import kernels_for
 from canfast.score import Scores, check_alpha, data_fingerprint, score
 from canfast.sites import NeuronSet, Site
 from canfast.sweep import StrategyResult, SweepConfig, SweepJob, sweep_by
@@ -176,8 +179,9 @@ def run(
     """Score (or read the scores), sweep when ``sweep`` is given, and write the run directory.
 
     Writes ``scores.safetensors`` and ``neurons.json`` (read scores: as narrowed to the selected
-    sites), the strategy's own files, and ``report.html`` when the strategy has one. ``out`` defaults to
-    ``runs/<score|sweep>-MODEL-TIME``; an existing non-empty one needs ``overwrite``.
+    sites), the strategy's own files, and ``report.html`` when the strategy has one. ``out``
+    defaults to ``runs/<score|sweep>-MODEL-TIME``; an existing non-empty one needs
+    ``overwrite``.
 
     A sweep keeps each finished chunk of its work as it goes: after a kill, ``resume=True`` with
     the same arguments skips what was done and writes the files an uninterrupted run would have.
@@ -257,6 +261,7 @@ def _run(run_dir, work, job, model, data, sites, scoring, sweep, strategy, repor
     _pin(run_dir, job, _options(model, data, sites, scoring, sweep))
     samples = data.load()
     loaded = model.load() if isinstance(model, ModelConfig) else model
+    _check_backend(scoring.backend, loaded)
     # A Model passed in keeps its own setting once the run is over.
     kept, loaded.score_eos = loaded.score_eos, data.score_eos
     try:
@@ -321,6 +326,22 @@ def _fixed(run_dir: RunDir, job, record: dict) -> None:
             "targets or scores?); run it in one process"
         )
     _pin(run_dir, job, record)
+
+
+def _check_backend(backend: str, model: Model) -> None:
+    """Refuse, before any work, a kernel backend that cannot run the model's tensors: the first
+    product would raise inside the forward pass."""
+    if model.device.type == "meta":
+        return  # the architecture alone: refused where it would run
+    try:
+        kernels_for(
+            backend, f"--backend {backend}", torch.empty(0, dtype=model.dtype, device=model.device)
+        )
+    except (ValueError, RuntimeError) as exc:
+        hint = ""
+        if backend == "triton" and model.device.type == "cpu":
+            hint = " (TRITON_INTERPRET=1 runs its kernels on the CPU, in Triton's interpreter)"
+        raise BadInput(f"{exc}{hint}") from None
 
 
 def _pin(run_dir: RunDir, job, record: dict) -> None:

@@ -312,6 +312,16 @@ def test_alpha_out_of_range(work):
     assert not out.exists()
 
 
+def test_a_backend_that_cannot_run_the_model_is_refused(work, monkeypatch):
+    """Refused in one line once the model is loaded, before any pass: the first product raised
+    a traceback inside the forward pass."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # triton then runs on CUDA alone
+    out = work / "triton-on-the-cpu"
+    result = run_cli("score", "--backend", "triton", "--out", out, cwd=work)
+    error_line(result, "--backend triton")
+    assert not out.exists()
+
+
 def test_existing_output_directory_is_refused_without_overwrite(work):
     out = work / "out-existing"
     out.mkdir()
