@@ -853,7 +853,14 @@ def _gemma3():
     )
     config = Gemma3Config(
         vision_config=_vision(SiglipVisionConfig, vision_use_head=False),
-        text_config=_text(Gemma3TextConfig, tok, sliding_window=4, layer_types=None),
+        # One layer of global attention: through sliding windows alone the targets, far along
+        # the prompt, would never see the image.
+        text_config=_text(
+            Gemma3TextConfig,
+            tok,
+            sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"],
+        ),
         mm_tokens_per_image=4,
         boi_token_index=tok.boi_token_id,
         eoi_token_index=tok.eoi_token_id,
@@ -948,7 +955,14 @@ def _mllama():
         text_config=text,
         image_token_index=tok.convert_tokens_to_ids("<|image|>"),
     )
-    return MllamaForConditionalGeneration(config), processor
+    model = MllamaForConditionalGeneration(config)
+    # Mllama's cross-attention gates start at zero (tanh(0) = 0): the image, the vision tower and
+    # the cross-attention layer's FFN would never reach the loss.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("cross_attn_attn_gate", "cross_attn_mlp_gate")):
+                param.fill_(1.0)
+    return model, processor
 
 
 def _internvl():
