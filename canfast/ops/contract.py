@@ -145,9 +145,9 @@ class ScoreSink:
 
     ``pending`` is set by an eager call (not under ``torch.compile``) to the activation its
     backward will score (``[..., C]``: ``[R, C]``, or the layer's own shape where the call ran
-    as torch's), and cleared when the backward has added the score: a sink
-    still pending once the backward pass is over belongs to a call whose output the loss never
-    used (or whose product got no gradient). Each call feeds its sink in one backward pass; a
+    as torch's), and cleared when the backward has added the score: a sink still pending once
+    the backward pass is over belongs to a call whose output the loss never used (or whose
+    product got no gradient). Each call feeds its sink in one backward pass; a
     second one through a graph kept with ``retain_graph`` raises.
     """
 
