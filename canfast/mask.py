@@ -122,6 +122,13 @@ class Route:
         self.batched = any(m is not None and m.dim() == 2 for m in (out_mask, in_mask))
         self.plan: ops.LinearPlan | None = None
         self.planned_for: tuple = ()
+        if self.layers:
+            # Planned now, while the host is warm: made by the first call instead, inside a
+            # pass, each plan costs tens of microseconds, once per site and run.
+            try:
+                self._plan()
+            except (ValueError, RuntimeError):
+                self.plan = None  # raised again by the call, where it always was
 
     def _plan(self) -> ops.LinearPlan:
         """The checked op for the module's current weight and bias: made again when either is
@@ -147,11 +154,14 @@ class Route:
             # batch of masks follow each other along it.
             return self(x[0])[None]
         sinks = self.sinks
-        return self._plan()(x, None if sinks is None else sinks.open(x))
+        if sinks is None:
+            return self._plan()(x)
+        return self._plan().feed(x, sinks.open(x))
 
 
 class SinkSource(Protocol):
-    """Gives a routed Linear a fresh score sink for each call (see :mod:`canfast.score`)."""
+    """Gives a routed Linear a fresh score sink for each call (see :mod:`canfast.score`), made
+    for that call's input: the route does not check it again (:meth:`LinearPlan.feed`)."""
 
     def open(self, x: Tensor) -> ops.ScoreSink: ...
 

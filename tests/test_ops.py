@@ -484,6 +484,37 @@ def test_unmasked_tracked_call_is_the_backends_product(backend, unit, dtype, bia
         assert torch.equal(tracked.grad.reshape(-1, k), rows.grad)
 
 
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("unit", ["out", "mid"])
+@pytest.mark.parametrize("backend", ["torch", "cpp:avx2", "triton"], indirect=True)
+def test_feed_is_the_checked_call(backend, unit, masked) -> None:
+    """LinearPlan.feed, the call of a route whose sinks canfast made, gives what the checked
+    call gives: the same output, dL/dx and sums, bit for bit; unchecked only where it runs as
+    torch's product, so a sink that does not fit x is still refused on any other path."""
+    samples, steps, k, n = 3, 5, 24, 19
+    w, b = randn(n, k, scale=0.2), randn(n)
+    om = _mask(None, n) if masked else None
+    plan = ops.LinearPlan.of(w, b, om, backend=backend)
+    valid = torch.rand(samples, steps) > 0.25
+    channels = n if unit == "out" else k
+    x = randn(samples, steps, k)
+    grad_y = randn(samples, steps, n, scale=1e-2)
+    got = []
+    for call in (plan, plan.feed):
+        tracked = x.clone().requires_grad_()
+        sink = ops.ScoreSink(0.5, torch.zeros(samples, 3, channels), valid, unit)
+        y = call(tracked, sink)
+        y.backward(grad_y)
+        got.append((y.detach(), tracked.grad, sink.out))
+    for checked, fed in zip(*got, strict=True):
+        assert torch.equal(checked, fed)
+    misfit = ops.ScoreSink(0.5, torch.zeros(samples, 3, channels + 1), valid, unit)
+    if plan.by_torch:
+        return
+    with pytest.raises(ValueError, match="sink.out"):
+        plan.feed(x.clone().requires_grad_(), misfit)
+
+
 def _masked_linear_function(x: Tensor, w: Tensor, b: Tensor | None, backend: str) -> Tensor:
     """The backend's own kernels for an unmasked call, through the op's autograd Function (an
     all-ones mask keeps the contract from running it as torch's product)."""

@@ -533,6 +533,16 @@ class LinearPlan:
         y = _masked_linear(self._args(x2, sink.out, valid, alpha, sink.unit, dx_wanted), sink)
         return y.reshape(*lead, n_out)
 
+    def feed(self, x: Tensor, sink: ScoreSink) -> Tensor:
+        """The call with a sink that canfast made for ``x`` (a :class:`canfast.mask.Route`'s,
+        sized from x's rows, its ``valid`` bool). Where it runs as torch's product, nothing is
+        checked again: the product's own errors stand for x's, as in the module's own forward,
+        and every check costs a cold host tens of microseconds per call. Any other call is
+        checked as :meth:`__call__` checks it."""
+        if self.by_torch and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            return self._scored_by_torch(x, sink, sink.valid, sink.alpha)
+        return self(x, sink)
+
     def _scored_by_torch(
         self, x: Tensor, sink: ScoreSink, valid: Tensor | None, alpha: float
     ) -> Tensor:
