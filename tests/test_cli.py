@@ -524,25 +524,27 @@ def test_score_writes_scores_and_ranking(score_run):
     assert all(site in keys for site, _ in ids)
 
 
-def test_sweep_with_scores_overwrites_and_prints_json(work, score_run):
-    out = work / "sweep-a"
-    out.mkdir()
-    (out / "sweep.json").write_text("stale\n")
-    result = run_cli(
+def sweep_with_scores(work: Path, scores: Path, *args: str | Path):
+    """A fast ``canfast sweep`` of llava-a on the shapes data, with ``--scores``."""
+    return run_cli(
         "sweep",
         "--model",
         work / "llava-a",
         "--data",
         work / "data/shapes.jsonl",
         "--scores",
-        score_run[0],
+        scores,
         *SWEEP_FAST,
-        "--out",
-        out,
-        "--overwrite",
-        "--json",
+        *args,
         cwd=work,
     )
+
+
+def test_sweep_with_scores_overwrites_and_prints_json(work, score_run):
+    out = work / "sweep-a"
+    out.mkdir()
+    (out / "sweep.json").write_text("stale\n")
+    result = sweep_with_scores(work, score_run[0], "--out", out, "--overwrite", "--json")
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["out"] == str(out)
@@ -578,18 +580,7 @@ def test_sweep_with_scores_masks_only_the_selected_sites(work, score_run):
     """A site selection narrows scores read with --scores: only the selected sites' neurons are
     ranked and masked, and the manifest names those sites. Scores of the other unit are
     refused."""
-    sweep_from = functools.partial(
-        run_cli,
-        "sweep",
-        "--model",
-        work / "llava-a",
-        "--data",
-        work / "data/shapes.jsonl",
-        "--scores",
-        score_run[0],
-        *SWEEP_FAST,
-        cwd=work,
-    )
+    sweep_from = functools.partial(sweep_with_scores, work, score_run[0])
     out = work / "sweep-language"
     result = sweep_from("--sites", "language.*", "--out", out)
     assert result.returncode == 0, result.stderr
